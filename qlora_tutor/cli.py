@@ -1,0 +1,31 @@
+"""The `qlora-tutor` command. Subcommands are added as the package grows."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qlora-tutor",
+        description="QLoRA Tutor: 4-bit quantized low-rank fine-tuning, from first principles to the real stack.",
+    )
+    parser.add_argument("--version", action="version", version=f"qlora-tutor {__version__}")
+    parser.add_subparsers(dest="command", metavar="COMMAND")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
