@@ -21,20 +21,21 @@ def _pyproject_packages() -> set[str]:
 
 
 def _environment_packages() -> set[str]:
-    names, in_pip = set(), False
+    """Package names under `dependencies:` (conda) and its `pip:` list, conda names mapped to PyPI's."""
+    names, section = set(), None
     for line in (ROOT / "environment.yml").read_text().splitlines():
         stripped = line.split("#", 1)[0].rstrip()
-        if re.match(r"^\s+- pip:\s*$", stripped):
-            in_pip = True
+        if not stripped:
             continue
-        m = re.match(r"^(\s+)- (.+)$", stripped)
-        if not m:
-            in_pip = False if stripped and not stripped.startswith(" ") else in_pip
+        if not stripped.startswith(" "):
+            section = stripped.rstrip(":")
             continue
-        name = _name(m.group(2).split("=")[0])
-        if name in ("python", "pip") and not in_pip:
+        m = re.match(r"^\s+- (.+)$", stripped)
+        if section != "dependencies" or not m or m.group(1).strip() == "pip:":
             continue
-        names.add(CONDA_TO_PYPI.get(name, name))
+        name = _name(m.group(1).split("=")[0])
+        if name not in ("python", "pip"):
+            names.add(CONDA_TO_PYPI.get(name, name))
     return names
 
 
