@@ -1,0 +1,364 @@
+"""4-bit data types from scratch (NF4, FP4, Int4) and double quantization, bit-exact with bitsandbytes' CPU path.
+
+A weight tensor is cut into blocks of `blocksize` values (over the flattened, row-major tensor). Each block is
+scaled by its absolute maximum into [-1, 1], each value is replaced by the index of the nearest of 16 code values,
+and two 4-bit indices are packed into one byte (first element in the high nibble). With double quantization the
+fp32 block constants are themselves quantized to 8 bits in blocks of 256 after subtracting their mean.
+Paper symbols (QLoRA Eq. 6): W_NF4 = `packed`, c2 = the block absmax (8-bit when double-quantized), c1 = the fp32
+`nested_absmax`. Only torch is needed; bitsandbytes is imported lazily by the two conversion methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+import torch
+
+QUANT_TYPES = ("nf4", "fp4", "int4")
+BLOCKSIZES = tuple(2**k for k in range(5, 13))  # 32 ... 4096, what bitsandbytes' 4-bit path accepts
+NESTED_BLOCKSIZE = 256  # block size of the 8-bit quantization of the constants (paper section 3, bitsandbytes)
+NF4_OFFSET = 0.9677083  # outermost quantile probability in bitsandbytes' create_normal_map
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CHUNK = 1 << 20  # elements per step: bounds temporary memory to a few MB whatever the tensor size
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Code books
+# ----------------------------------------------------------------------------------------------------------------
+
+def normal_float_levels(offset: float = NF4_OFFSET, bits: int = 4) -> torch.Tensor:
+    """The NormalFloat levels, built from quantiles of N(0, 1): 2^(k-1) positive, 2^(k-1)-1 negative, and 0.
+
+    Probabilities are spaced evenly from `offset` down to 0.5 (one more level on the positive side, so zero is
+    exact); each side is mapped through the normal quantile function and everything is divided by the largest.
+    Rounding follows bitsandbytes (float32 probabilities, float64 quantiles, float32 normalisation), so the 4-bit
+    result equals its table bit for bit; done in float64 throughout, 4 of the 16 values differ by 1 ulp.
+    """
+    half = 2 ** (bits - 1)
+    probs_pos = torch.linspace(offset, 0.5, half + 1, dtype=torch.float32)[:-1]  # 8 probabilities > 0.5
+    probs_neg = torch.linspace(offset, 0.5, half, dtype=torch.float32)[:-1]      # 7 probabilities > 0.5
+    positive = torch.special.ndtri(probs_pos.double()).float()
+    negative = -torch.special.ndtri(probs_neg.double()).float()
+    levels = torch.cat([negative, torch.zeros(1), positive]).sort().values
+    return levels / levels.max()
+
+
+def _fp4_levels() -> torch.Tensor:
+    """bitsandbytes' FP4 (E2M1, exponent bias 2) in bit-pattern order: bit 3 is the sign, bits 2-0 exponent/mantissa."""
+    # 3-bit magnitudes 0b000..0b111: subnormals 0 and 0.0625, then (1 + m/2) * 2^(e-1) for e = 1..3 (e=1 -> 2, 3)
+    # but bitsandbytes orders the exponent field so that 0b010/0b011 are the largest (8, 12) and 0b110/0b111 are 2, 3.
+    magnitude = torch.tensor([0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0])
+    return torch.cat([magnitude, -magnitude]) / 12.0
+
+
+def _int4_levels() -> torch.Tensor:
+    """Symmetric absmax integers q/7 for q = -7..7, stored as code q + 8 (offset binary, as GPTQ-style formats do).
+
+    Code 0 would be q = -8, i.e. -8/7: quantize never produces it (|scaled| <= 1); dequantizing it gives -8/7.
+    """
+    return torch.arange(-8, 8, dtype=torch.float32) / 7.0
+
+
+@lru_cache(maxsize=None)
+def _codebook_cpu(quant_type: str) -> torch.Tensor:
+    builders = {"nf4": normal_float_levels, "fp4": _fp4_levels, "int4": _int4_levels}
+    return builders[quant_type]().to(torch.float32)
+
+
+def codebook(quant_type: str) -> torch.Tensor:
+    """The 16 values a 4-bit code stands for (float32, index = code), for "nf4", "fp4" or "int4"."""
+    return _codebook_cpu(_check_quant_type(quant_type)).clone()
+
+
+@lru_cache(maxsize=None)
+def _dynamic_map_cpu() -> torch.Tensor:
+    # Dettmers' dynamic tree type (arXiv 1511.04561), signed, 8 bits: for e = 0..6 the decade 10^(e-6) holds 2^e
+    # linearly spaced magnitudes (centres of 2^e bins between 0.1 and 1), each with both signs; plus 0 and 1.
+    parts = []
+    for e in range(7):
+        edges = torch.linspace(0.1, 1.0, 2**e + 1, dtype=torch.float32)
+        parts.append((edges[:-1] + edges[1:]) / 2 * (10.0 ** (e - 6)))
+    magnitudes = torch.cat(parts)
+    return torch.cat([magnitudes, -magnitudes, torch.tensor([0.0, 1.0])]).sort().values
+
+
+def dynamic_map() -> torch.Tensor:
+    """The 256 values of bitsandbytes' signed 8-bit dynamic map, used to quantize the constants (double quant)."""
+    return _dynamic_map_cpu().clone()
+
+
+@lru_cache(maxsize=None)
+def _tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(midpoints between sorted used values, sorted position -> code, 256x2 byte -> two values), on `device`."""
+    code = _codebook_cpu(quant_type)
+    used = torch.arange(1, 16) if quant_type == "int4" else torch.arange(16)
+    # stable sort: FP4's +0 (code 0) comes before -0 (code 8), the order bitsandbytes' CPU argsort gives
+    order = used[torch.sort(code[used], stable=True).indices]
+    sorted_values = code[order]
+    midpoints = (sorted_values[:-1] + sorted_values[1:]) / 2
+    byte = torch.arange(256)
+    pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1)
+    return midpoints.to(device), order.to(torch.uint8).to(device), pairs.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------------------------
+
+def _check_quant_type(quant_type: str) -> str:
+    if not isinstance(quant_type, str) or quant_type.lower() not in QUANT_TYPES:
+        raise ValueError(f"unknown quant_type {quant_type!r}: use one of {', '.join(map(repr, QUANT_TYPES))}")
+    return quant_type.lower()
+
+
+def _check_blocksize(blocksize: int) -> int:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
+        raise ValueError(
+            f"blocksize must be a power of two from 32 to 4096 (as in bitsandbytes), got {blocksize!r}; "
+            "QLoRA uses 64"
+        )
+    return blocksize
+
+
+def _check_weight(w: torch.Tensor) -> None:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"quantize() needs a torch.Tensor, got {type(w).__name__}; wrap it with torch.tensor(...)")
+    if w.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"quantize() needs a float32, bfloat16 or float16 tensor (as bitsandbytes does), got {w.dtype}; "
+            "convert it first, e.g. w.float()"
+        )
+    if w.numel() == 0:
+        raise ValueError(f"cannot quantize an empty tensor (shape {tuple(w.shape)}): there is nothing to store")
+
+
+def _raise_non_finite(w: torch.Tensor) -> None:
+    nan, inf = int(torch.isnan(w).sum()), int(torch.isinf(w).sum())
+    first = int(torch.nonzero(~torch.isfinite(w.reshape(-1)))[0])
+    raise ValueError(
+        f"cannot quantize a tensor with {nan} NaN and {inf} Inf values (first at flat index {first}): one of them "
+        "would ruin the scale of its whole block. Find where they come from, or replace them with torch.nan_to_num(w)"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Blockwise quantization
+# ----------------------------------------------------------------------------------------------------------------
+
+def _nearest_codes(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """Code (uint8) of the nearest value for each scaled value; a value exactly halfway goes to the lower value."""
+    midpoints, order, _ = _tables(quant_type, scaled.device)
+    position = torch.bucketize(scaled, midpoints, out_int32=True)  # right=False: ties -> lower position
+    return order[position]
+
+
+def _pack(codes: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """Two codes per byte, the first (even-index) element in the high nibble; an odd count is padded with the code
+    of 0.0 (bitsandbytes pads the scaled values with a zero before rounding)."""
+    if codes.numel() % 2:
+        codes = torch.cat([codes, _nearest_codes(codes.new_zeros(1, dtype=torch.float32), quant_type)])
+    pairs = codes.view(-1, 2)
+    return (pairs[:, 0] << 4) | pairs[:, 1]
+
+
+def _quantize_flat(flat: torch.Tensor, quant_type: str, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and fp32 absmax of a flat tensor, with bitsandbytes' arithmetic (x * (1/absmax) in fp32)."""
+    n = flat.numel()
+    full = n - n % blocksize
+    codes = torch.empty(n, dtype=torch.uint8, device=flat.device)
+    absmax_parts = []
+    step = max(blocksize, _CHUNK // blocksize * blocksize)
+    for start in range(0, full, step):  # chunks of many blocks, to keep temporaries small
+        block = flat[start:min(start + step, full)].float().view(-1, blocksize)
+        absmax = block.abs().amax(dim=1)
+        scaled = block * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)
+        codes[start:start + block.numel()] = _nearest_codes(scaled.view(-1), quant_type)
+        absmax_parts.append(absmax)
+    if full < n:  # the last, partial block: bitsandbytes divides here and stores the clamped absmax
+        tail = flat[full:].float()
+        absmax = tail.abs().amax().clamp(min=1e-38)
+        codes[full:] = _nearest_codes(tail / absmax, quant_type)
+        absmax_parts.append(absmax.reshape(1))
+    absmax = torch.cat(absmax_parts)
+    if not torch.isfinite(absmax).all():  # a NaN or Inf in a block makes its absmax non-finite: free check
+        _raise_non_finite(flat)
+    return codes, absmax
+
+
+def _quantize_8bit_cpu_rule(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization with bitsandbytes' CPU rule (used for the constants in double quantization).
+
+    bitsandbytes' CPU kernel does not search the 256 values: it rounds the scaled value to a grid of 65536 points
+    on [-1, 1] and looks the code up in a table built for those points. That is not always the nearest value (it
+    is near zero, where the dynamic map is finer than the grid); CUDA's kernel searches exactly. We match the CPU.
+    """
+    code = _dynamic_map_cpu().to(x.device)
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    grid = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32, device=x.device)) / 65535.0
+    lut = torch.searchsorted(midpoints, grid).to(torch.uint8)  # index of the first midpoint >= grid point
+    n = x.numel()
+    padded = torch.nn.functional.pad(x.float(), (0, -n % blocksize)).view(-1, blocksize)
+    absmax = padded.abs().amax(dim=1)
+    inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))  # all-zero block: no 0 * inf
+    scaled = (padded * inverse.unsqueeze(1)).clamp(-1.0, 1.0)
+    index = (((scaled + 1.0) * 0.5) * 65535.0 + 0.5).to(torch.int32)  # same operation order as the C++ kernel
+    q = lut[index.long()]
+    q[absmax == 0] = 0  # an all-zero block is stored as code 0
+    return q.reshape(-1)[:n], absmax
+
+
+def _dequantize_8bit(q: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    code = _dynamic_map_cpu().to(q.device)
+    n = q.numel()
+    values = torch.nn.functional.pad(code[q.long()], (0, -n % blocksize)).view(-1, blocksize)
+    return (values * absmax.unsqueeze(1)).reshape(-1)[:n]
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    """A 4-bit blockwise-quantized tensor: packed codes plus the constants needed to get the values back.
+
+    `absmax` holds one fp32 scale per block, or, when double-quantized, one uint8 code per block; then
+    `nested_absmax` (fp32, one per 256 blocks) and `offset` (the fp32 mean that was subtracted) complete it.
+    """
+
+    packed: torch.Tensor                 # uint8, (numel + 1) // 2 bytes; first element in the high nibble (W_NF4)
+    absmax: torch.Tensor                 # float32 per block, or uint8 per block when double-quantized (c2)
+    shape: torch.Size
+    dtype: torch.dtype                   # dtype of the original tensor; dequantize() returns it by default
+    blocksize: int
+    quant_type: str
+    nested_absmax: torch.Tensor | None = None  # float32 per NESTED_BLOCKSIZE constants (c1), double quant only
+    offset: torch.Tensor | None = None         # float32 scalar: mean of the constants, double quant only
+    nested_blocksize: int = NESTED_BLOCKSIZE
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        return int(torch.Size(self.shape).numel())
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def scales(self) -> torch.Tensor:
+        """The fp32 absmax of every block (decoded from 8 bits first when double-quantized)."""
+        if not self.double_quant:
+            return self.absmax
+        return _dequantize_8bit(self.absmax, self.nested_absmax, self.nested_blocksize) + self.offset
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The values the codes stand for, code value * block absmax in fp32, then cast to `dtype` (default: original)."""
+        dtype = self.dtype if dtype is None else dtype
+        n, bs = self.numel, self.blocksize
+        _, _, pairs = _tables(self.quant_type, self.packed.device)
+        values = pairs.index_select(0, self.packed.int()).view(-1)  # two values per byte: a 256-entry lookup
+        scales = self.scales()
+        out = torch.empty(n, dtype=dtype, device=self.packed.device)
+        full = n - n % bs
+        if full:
+            torch.mul(values[:full].view(-1, bs), scales[:full // bs].unsqueeze(1), out=out[:full].view(-1, bs))
+        if full < n:
+            torch.mul(values[full:n], scales[-1], out=out[full:])
+        return out.view(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor this object holds: codes and all constants (the shared code books are not counted)."""
+        tensors = [self.packed, self.absmax, self.nested_absmax, self.offset]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8.0 * self.nbytes / self.numel
+
+    def to(self, device: torch.device | str) -> "QuantizedTensor":
+        """A copy with every tensor on `device`."""
+        move = (lambda t: None if t is None else t.to(device))
+        return replace(self, packed=move(self.packed), absmax=move(self.absmax),
+                       nested_absmax=move(self.nested_absmax), offset=move(self.offset))
+
+    def __repr__(self) -> str:
+        dq = (f", double_quant (uint8 absmax + {self.nested_absmax.numel()} fp32 nested, block {self.nested_blocksize})"
+              if self.double_quant else "")
+        return (f"QuantizedTensor({self.quant_type}, shape={tuple(self.shape)}, dtype={self.dtype}, "
+                f"blocksize={self.blocksize}{dq}, {self.nbytes:,} bytes = {self.bits_per_param:.3f} bits/param, "
+                f"device={self.device})")
+
+    # -- bitsandbytes interop ----------------------------------------------------------------------------------
+
+    def to_bitsandbytes(self):
+        """(packed, QuantState) in bitsandbytes' layout, ready for bitsandbytes.functional.dequantize_4bit."""
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"bitsandbytes has no {self.quant_type} 4-bit kernels (only 'nf4' and 'fp4'): "
+                             "quantize with quant_type='nf4' or 'fp4' to convert")
+        from bitsandbytes.functional import QuantState
+
+        dev = self.device
+        code = _codebook_cpu(self.quant_type).to(dev)
+        state2 = None
+        if self.double_quant:
+            state2 = QuantState(absmax=self.nested_absmax, code=_dynamic_map_cpu().to(dev),
+                                blocksize=self.nested_blocksize, dtype=torch.float32)
+        state = QuantState(absmax=self.absmax, shape=torch.Size(self.shape), code=code, dtype=self.dtype,
+                           blocksize=self.blocksize, quant_type=self.quant_type, offset=self.offset, state2=state2)
+        return self.packed.view(-1, 1), state
+
+    @classmethod
+    def from_bitsandbytes(cls, packed: torch.Tensor, quant_state, quant_type: str | None = None) -> "QuantizedTensor":
+        """Wrap bitsandbytes' (packed, QuantState) without copying; `quant_type`, if given, must match the state's."""
+        from bitsandbytes.functional import QuantState
+
+        if not isinstance(quant_state, QuantState):
+            raise TypeError(f"quant_state must be a bitsandbytes QuantState, got {type(quant_state).__name__}")
+        qt = quant_state.quant_type
+        if qt not in ("nf4", "fp4"):
+            raise ValueError(f"QuantState has quant_type {qt!r}; only 4-bit 'nf4' and 'fp4' states can be converted")
+        if quant_type is not None and _check_quant_type(quant_type) != qt:
+            raise ValueError(f"expected a {quant_type!r} QuantState but got a {qt!r} one: "
+                             f"pass quant_type={qt!r}, or quantize with the type you want")
+        if quant_state.code is not None and not torch.equal(quant_state.code.float().cpu(), _codebook_cpu(qt)):
+            raise ValueError(f"QuantState says {qt!r} but its code table is not bitsandbytes' {qt} table")
+        shape = torch.Size(quant_state.shape)
+        n = shape.numel()
+        if packed.dtype != torch.uint8:
+            packed = packed.view(torch.uint8)  # bitsandbytes may store the bytes as another dtype (quant_storage)
+        blocks = -(-n // quant_state.blocksize)
+        if packed.numel() != (n + 1) // 2 or quant_state.absmax.numel() != blocks:
+            raise ValueError(f"inconsistent sizes: shape {tuple(shape)} needs {(n + 1) // 2} packed bytes and {blocks}"
+                             f" constants, got {packed.numel()} and {quant_state.absmax.numel()}")
+        nested_absmax = offset = None
+        nested_blocksize = NESTED_BLOCKSIZE
+        if quant_state.nested:
+            s2 = quant_state.state2
+            if not torch.equal(s2.code.float().cpu(), _dynamic_map_cpu()):
+                raise ValueError("the nested QuantState does not use bitsandbytes' dynamic 8-bit map")
+            nested_absmax, offset, nested_blocksize = s2.absmax, quant_state.offset.float(), s2.blocksize
+        return cls(packed=packed.reshape(-1), absmax=quant_state.absmax, shape=shape, dtype=quant_state.dtype,
+                   blocksize=quant_state.blocksize, quant_type=qt, nested_absmax=nested_absmax, offset=offset,
+                   nested_blocksize=nested_blocksize)
+
+
+def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
+             double_quant: bool = False) -> QuantizedTensor:
+    """Quantize `w` to 4 bits blockwise (absmax scaling, nearest code), as bitsandbytes' quantize_4bit does on CPU.
+
+    `double_quant=True` also quantizes the per-block absmax: subtract the mean, then 8-bit dynamic map in
+    blocks of 256 (bitsandbytes' compress_statistics=True), saving about 0.37 bits per parameter.
+    """
+    _check_weight(w)
+    quant_type = _check_quant_type(quant_type)
+    blocksize = _check_blocksize(blocksize)
+    flat = w.detach().reshape(-1)
+    codes, absmax = _quantize_flat(flat, quant_type, blocksize)
+    packed = _pack(codes, quant_type)
+    if not double_quant:
+        return QuantizedTensor(packed, absmax, w.shape, w.dtype, blocksize, quant_type)
+    offset = absmax.mean()
+    qabsmax, nested_absmax = _quantize_8bit_cpu_rule(absmax - offset, NESTED_BLOCKSIZE)
+    return QuantizedTensor(packed, qabsmax, w.shape, w.dtype, blocksize, quant_type,
+                           nested_absmax=nested_absmax, offset=offset)
