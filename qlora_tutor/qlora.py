@@ -1,0 +1,383 @@
+"""The QLoRA layer: a frozen 4-bit base weight plus a trainable LoRA adapter, and the model surgery around it.
+
+    y = dequant(W_4bit)·x + b + s·B·A·dropout(x)          (QLoRA paper, Eq. 5, with LoRA's scale s)
+
+The base is a `quant.QuantizedTensor` (nf4/fp4/int4, optionally double-quantized). Each forward dequantizes it
+to the compute dtype, multiplies, and drops the dense copy; backward dequantizes again (see `_DequantLinear`).
+`add_adapters` swaps the linear layers of any model (a transformers Llama included) for these layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qlora_tutor import hardware
+from qlora_tutor.lora import LoRAAdapterMixin, LoRALinear, check_rank_alpha
+from qlora_tutor.quant import QUANT_TYPES, QuantizedTensor, quantize
+
+
+class _DequantLinear(torch.autograd.Function):
+    """y = x·dequant(W)ᵀ + b with a frozen quantized W.
+
+    Why a custom Function: if we wrote `F.linear(x, qw.dequantize())` in ordinary autograd code, autograd would save
+    the dense dequantized weight for the backward pass, so every layer's full-precision copy (2 bytes/param in bf16,
+    4 in fp32, i.e. 4-8x the 4-bit weight) would stay alive from forward to backward: the memory QLoRA saves would
+    come straight back. Here only the QuantizedTensor (already held by the module) is kept; backward dequantizes a
+    second time. That costs one extra dequantization per layer; it is the same trade bitsandbytes' MatMul4Bit and
+    torchao's NF4 linear make. W is frozen, so no gradient is computed for it; the input gets dL/dx = dL/dy·W.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None,
+                compute_dtype: torch.dtype) -> torch.Tensor:
+        # Not save_for_backward: that is for tensors; the QuantizedTensor is a plain object the module owns anyway.
+        ctx.qweight, ctx.compute_dtype = qweight, compute_dtype
+        w = qweight.dequantize(compute_dtype)  # temporary: freed when forward returns
+        return F.linear(x, w, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w = ctx.qweight.dequantize(ctx.compute_dtype)  # recomputed, not stored: see the class docstring
+            grad_x = grad_out.to(w.dtype) @ w  # (..., out) @ (out, in) -> (..., in)
+        return grad_x, None, None, None
+
+
+def _device_of(fn, current: torch.device) -> torch.device:
+    """Where Module._apply's function sends tensors (e.g. `.to('cuda')`), found by applying it to an empty probe."""
+    return fn(torch.empty(0, device=current)).device
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer whose weight is stored in 4 bits (like bitsandbytes' Linear4bit); no adapter.
+
+    Input is cast to `compute_dtype`, the output back to the input's dtype. The bias (if any) stays a frozen
+    parameter in its original dtype.
+    """
+
+    def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None, compute_dtype: torch.dtype):
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise ValueError(f"a linear weight is 2-D (out, in), got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = (int(n) for n in weight.shape)
+        self.weight = weight  # not an nn.Parameter: a packed, frozen object (see _apply for device moves)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.compute_dtype = compute_dtype
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", double_quant: bool = True,
+                    blocksize: int = 64, compute_dtype: torch.dtype | str | None = None) -> "QuantizedLinear":
+        """Quantize `linear.weight` (on its device) and keep the bias; the original dense weight is not kept."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        if quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+        dtype = hardware.compute_dtype(compute_dtype)
+        qw = quantize(linear.weight.detach(), quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+        return cls(qw, linear.bias, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        out = _DequantLinear.apply(x.to(self.compute_dtype), self.weight, bias, self.compute_dtype)
+        return out.to(x.dtype)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight this layer computes with (a new tensor; for inspection and merging, not for training)."""
+        return self.weight.dequantize(dtype or self.compute_dtype)
+
+    def _apply(self, fn, recurse: bool = True):
+        # nn.Module.to()/cuda() only visit parameters and buffers; move the packed weight along with them.
+        # Dtype casts (model.half()) deliberately leave the 4-bit storage alone.
+        super()._apply(fn, recurse)
+        device = _device_of(fn, self.weight.packed.device)
+        if device != self.weight.packed.device:
+            self.weight = self.weight.to(device)
+        return self
+
+    def extra_repr(self) -> str:
+        qt = getattr(self.weight, "quant_type", "?")
+        return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
+                f"storage={qt}, compute_dtype={self.compute_dtype}")
+
+
+class QLoRALinear(LoRAAdapterMixin, nn.Module):
+    """QLoRA's layer: a frozen QuantizedLinear base plus a LoRA adapter,  y = base(x) + s·B·A·dropout(x).
+
+    The adapter is fp32 by default even when the compute dtype is fp16/bf16: with fp16 mixed precision the
+    optimizer must see fp32 master weights (GradScaler refuses to unscale fp16 gradients), and small updates to
+    A and B would round away in 16 bits. The adapter's output is cast to the base output's dtype before adding.
+    """
+
+    def __init__(self, base: QuantizedLinear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 adapter_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if not isinstance(base, QuantizedLinear):
+            raise TypeError(f"QLoRALinear wraps a QuantizedLinear (use QLoRALinear.from_linear for an nn.Linear), "
+                            f"got {type(base).__name__}")
+        self.base_layer = base
+        self._init_adapter(base.in_features, base.out_features, r, alpha, dropout, use_rslora,
+                           dtype=adapter_dtype, device=base.weight.packed.device)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                    quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
+                    compute_dtype: torch.dtype | str | None = None,
+                    adapter_dtype: torch.dtype = torch.float32) -> "QLoRALinear":
+        """Quantize an nn.Linear's weight to 4 bits and put a fresh adapter (B = 0) on top of it."""
+        check_rank_alpha(r, alpha, dropout)  # fail before spending time on quantization
+        base = QuantizedLinear.from_linear(linear, quant_type, double_quant, blocksize, compute_dtype)
+        return cls(base, r, alpha, dropout, use_rslora, adapter_dtype)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.base_layer.compute_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        return result + self.lora_forward(x).to(result.dtype)
+
+    def merged_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
+        """A plain nn.Linear with weight dequant(W) + s·B·A (in `dtype`): the usual way to deploy a QLoRA adapter.
+
+        Merging back into 4 bits would re-quantize W + ΔW and lose part of the small ΔW to rounding, so we don't.
+        """
+        with torch.no_grad():
+            w = self.base_layer.dequantized_weight(torch.float32) + self.delta_weight().to(torch.float32)
+            out = nn.Linear(self.in_features, self.out_features, bias=self.base_layer.bias is not None,
+                            device=w.device, dtype=dtype)
+            out.weight.copy_(w)
+            if self.base_layer.bias is not None:
+                out.bias.copy_(self.base_layer.bias)
+        return out
+
+    def extra_repr(self) -> str:
+        return self._adapter_repr()
+
+
+# ----------------------------------------------------------------------------------------------- model surgery
+
+ADAPTER_LAYERS = (LoRALinear, QLoRALinear)
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output head(s) that "all-linear" skips: the output embedding (lm_head), as PEFT does."""
+    heads: set[str] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if (head is not None and module is head) or (head is None and name.split(".")[-1] == "lm_head"):
+            heads.add(name)
+    return heads
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    """PEFT's rule for a list: the full module name, or a suffix of it after a dot, equals an entry."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _linear_summary(model: nn.Module) -> str:
+    names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    return ", ".join(repr(n) for n in names) if names else "(none)"
+
+
+def find_targets(model: nn.Module, target_modules: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Full names of the nn.Linear modules that `target_modules` selects; clear errors for names that don't fit.
+
+    A list entry matches a module whose name equals it or ends with "." + entry (PEFT's rule), so "q_proj" hits
+    every layer's attention query. "all-linear" selects every nn.Linear except the output head.
+    """
+    if any(isinstance(m, ADAPTER_LAYERS) for m in model.modules()):
+        raise ValueError("this model already has LoRA adapters; call add_adapters once, on the plain model.")
+    if isinstance(target_modules, str):
+        if target_modules.lower() == "all-linear":
+            heads = output_head_names(model)
+            found = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in heads]
+            if not found:
+                raise ValueError("target_modules='all-linear' found no nn.Linear layers (other than the output head).")
+            return found
+        target_modules = [target_modules]
+    if not isinstance(target_modules, (list, tuple, set)) or not target_modules or \
+            not all(isinstance(t, str) and t for t in target_modules):
+        raise TypeError(f"target_modules must be 'all-linear' or a non-empty list of module names such as "
+                        f"['q_proj', 'v_proj'], got {target_modules!r}")
+    targets = list(target_modules)
+    modules = dict(model.named_modules())
+    for t in targets:
+        hits = [n for n in modules if n and _matches(n, [t])]
+        if not hits:
+            raise ValueError(f"target module {t!r} matches no module of this {type(model).__name__}. "
+                             f"Its linear layers are named: {_linear_summary(model)}.")
+        wrong = [n for n in hits if not isinstance(modules[n], nn.Linear)]
+        if wrong:
+            n = wrong[0]
+            raise TypeError(f"target module {t!r} matches {n!r}, a {type(modules[n]).__name__}, not an nn.Linear; "
+                            f"LoRA here adapts linear layers only. Name linear layers instead: {_linear_summary(model)}.")
+    return [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear) and _matches(n, targets)]
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def add_adapters(model: nn.Module, target_modules: str | list[str], r: int, alpha: float, dropout: float = 0.0,
+                 quant_type: str | None = None, double_quant: bool = True,
+                 compute_dtype: torch.dtype | str | None = None, use_rslora: bool = False,
+                 blocksize: int = 64) -> nn.Module:
+    """Swap the targeted nn.Linear layers for LoRA layers, freeze everything else, and return the model (in place).
+
+    quant_type None: LoRALinear on the full-precision base (plain LoRA). quant_type 'nf4'/'fp4'/'int4': QLoRA, and,
+    as transformers does with load_in_4bit, every other nn.Linear except the output head is quantized as well
+    (frozen, no adapter), so the whole transformer body is stored in 4 bits. Embeddings, norms and the head stay
+    as they are. compute_dtype None picks bf16/fp16/fp32 for this device (qlora_tutor.hardware.compute_dtype).
+    """
+    check_rank_alpha(r, alpha, dropout)
+    if quant_type is not None and quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be None (plain LoRA) or one of {QUANT_TYPES}, got {quant_type!r}")
+    dtype = hardware.compute_dtype(compute_dtype)  # raises with the fix for bf16 on a T4/V100
+    targets = find_targets(model, target_modules)
+    heads = output_head_names(model)
+    others = [n for n, m in model.named_modules()
+              if isinstance(m, nn.Linear) and n not in targets and n not in heads] if quant_type else []
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in targets:
+        linear = model.get_submodule(name)
+        if quant_type is None:
+            _set_module(model, name, LoRALinear(linear, r, alpha, dropout, use_rslora))
+        else:
+            _set_module(model, name, QLoRALinear.from_linear(linear, r, alpha, dropout, use_rslora, quant_type,
+                                                             double_quant, blocksize, dtype))
+    for name in others:
+        _set_module(model, name, QuantizedLinear.from_linear(model.get_submodule(name), quant_type, double_quant,
+                                                             blocksize, dtype))
+    return model
+
+
+# ------------------------------------------------------------------------------------------------------ counting
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Trainable and total parameters; 4-bit weights counted as the parameters they represent (out·in)."""
+    trainable: int
+    total: int
+    quantized: int  # of total, how many are stored in 4 bits
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+                f"trainable%: {self.trainable_percent:.4f} || stored in 4 bits: {self.quantized:,}")
+
+
+def _bnb_params4bit_numel(p: torch.Tensor) -> int | None:
+    """bitsandbytes' Params4bit holds packed bytes; its quant_state knows the real shape."""
+    qs = getattr(p, "quant_state", None)
+    if type(p).__name__ == "Params4bit" and qs is not None:
+        return math.prod(qs.shape)
+    return None
+
+
+def count_parameters(model: nn.Module) -> ParamCount:
+    """Count parameters the way a learner expects: a 4-bit (out, in) weight is out·in parameters, not its bytes.
+
+    (PEFT's print_trainable_parameters doubles a Params4bit's byte count, which matches for even sizes;
+    artidoro/qlora's script halves the *trainable* count for 4-bit models, which is wrong for fp32 adapters.)
+    """
+    trainable = total = quantized = 0
+    for p in model.parameters():  # parameters() already skips tied duplicates
+        n = _bnb_params4bit_numel(p)
+        if n is not None:
+            quantized += n
+        else:
+            n = p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            n = math.prod(m.weight.shape)
+            total += n
+            quantized += n
+    return ParamCount(trainable, total, quantized)
+
+
+def _tensors_in(obj: object, seen: set[int]) -> list[torch.Tensor]:
+    """Every tensor reachable from a QuantizedTensor's attributes (packed codes, absmax, nested state, code tables)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else \
+        vars(obj).values() if hasattr(obj, "__dict__") else ()
+    out: list[torch.Tensor] = []
+    for v in items:
+        out += _tensors_in(v, seen)
+    return out
+
+
+@dataclass(frozen=True)
+class WeightMemory:
+    """Parameters and bytes held by the weights of linear layers, counted from the tensors that hold them."""
+    params: int
+    nbytes: int
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8.0 * self.nbytes / self.params if self.params else 0.0
+
+    def __str__(self) -> str:
+        return f"{self.params:,} params in {self.nbytes / 2**20:.3f} MiB = {self.bits_per_param:.3f} bits/param"
+
+
+def _is_adapter_linear(name: str) -> bool:
+    """PEFT keeps its adapters as nn.Linear modules named ...lora_A.<adapter> / ...lora_B.<adapter>."""
+    return ".lora_A." in name or ".lora_B." in name or name.startswith(("lora_A.", "lora_B."))
+
+
+def linear_weight_memory(model: nn.Module, include_output_head: bool = False) -> WeightMemory:
+    """Bytes held by the base weights of linear layers: dense, ours in 4 bits, or bitsandbytes' Linear4bit.
+
+    4-bit weights count every tensor that dequantization needs (packed codes, absmax, nested absmax, code
+    tables), read from storage; a tensor shared by several layers counts once. Adapters, biases and (unless asked)
+    the output head are left out, so after QLoRA this is the frozen 4-bit body of the model.
+    """
+    heads = set() if include_output_head else output_head_names(model)
+    params = nbytes = 0
+    seen: set[tuple[int, int]] = set()
+
+    def add_storage(tensors: list[torch.Tensor]) -> int:
+        total = 0
+        for t in tensors:
+            st = t.untyped_storage()
+            key = (st.data_ptr(), st.nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += st.nbytes()
+        return total
+
+    for name, m in model.named_modules():
+        owner = name[: -len(".base_layer")] if name.endswith(".base_layer") else name
+        if owner in heads or name in heads or _is_adapter_linear(name):
+            continue
+        if isinstance(m, QuantizedLinear):
+            params += math.prod(m.weight.shape)
+            nbytes += add_storage(_tensors_in(m.weight, set()))
+        elif isinstance(m, nn.Linear):
+            n4 = _bnb_params4bit_numel(m.weight)
+            if n4 is not None:  # bitsandbytes Linear4bit: packed bytes + everything in its QuantState
+                params += n4
+                nbytes += add_storage([m.weight.data] + _tensors_in(m.weight.quant_state, set()))
+            else:
+                params += m.weight.numel()
+                nbytes += add_storage([m.weight])
+    return WeightMemory(params, nbytes)
