@@ -1,0 +1,94 @@
+"""Fold a trained LoRA adapter into the base weights: W' = W + (alpha/r)·B·A, saved as a 16-bit model.
+
+The merge happens on full-precision weights: either the 4-bit weights the adapter was trained against,
+dequantized (the merged model then computes what was trained, up to 16-bit rounding), or the base model's
+original weights. Merging into the 4-bit weights in place would re-quantize W + ΔW to 4 bits, and that
+rounding is about as large as the whole update: `requantization_error` measures it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import finetune, hardware
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and any(output.iterdir()):
+        if not (output / "config.json").is_file():
+            raise ValueError(f"merge: {output} is not empty and holds no model: choose another --output")
+        if not overwrite:
+            raise ValueError(f"merge: {output} already holds a model: add --overwrite to replace it")
+
+
+def merged_model(run: str | Path, base: str = "dequantized") -> tuple[Any, Any, finetune.FinetuneConfig]:
+    """The base (dequantized 4-bit or original, in fp32) with the adapter merged in; plain transformers model."""
+    from peft import PeftModel
+    if base not in ("dequantized", "original"):
+        raise ValueError(f"base must be 'dequantized' or 'original', not {base!r}")
+    folder = finetune.find_artifact(run)
+    cfg = finetune.FinetuneConfig(**json.loads((folder / "run_config.json").read_text()))
+    if cfg.method == "full":
+        raise ValueError(f"{folder} is a full fine-tune: it has no adapter to merge and is already a standalone model")
+    model_path = finetune.resolve_model(cfg.model)
+    tokenizer = finetune.load_tokenizer(model_path)
+    if base == "dequantized" and cfg.method == "qlora":
+        model = finetune.load_base(model_path, "qlora", torch.float32, cfg.quant_type, cfg.double_quant)
+        model = model.dequantize(dtype=torch.float32)  # every Linear4bit → nn.Linear holding dequant(W_4bit)
+    else:
+        model = finetune.load_base(model_path, "lora", torch.float32)
+    model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()  # W += (alpha/r)·B·A, in fp32
+    return model.eval(), tokenizer, cfg
+
+
+def merge_adapter(run: str | Path, output: str | Path, base: str = "dequantized", save_dtype: str = "bf16",
+                  overwrite: bool = False, log: Any = print) -> Path:
+    """Write a standalone 16-bit model (safetensors + tokenizer) with the adapter of `run` merged in, atomically."""
+    output = Path(output)
+    dtype = hardware.parse_dtype(save_dtype)
+    if dtype == torch.float32:
+        raise ValueError("save_dtype must be a 16-bit type: 'bf16' or 'fp16'")
+    _check_output(output, overwrite)
+    model, tokenizer, cfg = merged_model(run, base)
+    model = model.to(dtype)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    finetune.atomic_save_dir(output, write)
+    size = sum(f.stat().st_size for f in output.glob("*.safetensors"))
+    log(f"merged {cfg.method} adapter into the {base} base; saved {str(dtype).replace('torch.', '')} model "
+        f"({size / 2**20:.1f} MB) to {output}. Load it with AutoModelForCausalLM.from_pretrained('{output}').")
+    return output
+
+
+@torch.no_grad()
+def requantization_error(peft_model: Any, adapter: str = "default") -> dict[str, float]:
+    """How much of each LoRA update survives a merge, relative to the size of the update ‖ΔW‖:
+
+    - 'requant_4bit': ‖Q4(W4 + ΔW) − (W4 + ΔW)‖ / ‖ΔW‖: merging into the 4-bit weights in place (W4 = dequantized base)
+    - 'round_16bit': ‖bf16(W4 + ΔW) − (W4 + ΔW)‖ / ‖ΔW‖: our merge, stored in bf16
+    Both pooled over all adapted layers. A value near 1 means the error is as large as the update itself.
+    """
+    import bitsandbytes.functional as bnbf
+    err4 = err16 = norm = 0.0
+    for module in peft_model.modules():
+        weight = getattr(getattr(module, "base_layer", None), "weight", None)
+        if weight is None or getattr(weight, "quant_state", None) is None or adapter not in getattr(module, "lora_A", {}):
+            continue
+        qs = weight.quant_state
+        w4 = bnbf.dequantize_4bit(weight.data, qs).float()
+        exact = w4 + module.get_delta_weight(adapter).float()
+        q, qs2 = bnbf.quantize_4bit(exact, blocksize=qs.blocksize, compress_statistics=qs.nested,
+                                    quant_type=qs.quant_type)
+        err4 += (bnbf.dequantize_4bit(q, qs2).float() - exact).pow(2).sum().item()
+        err16 += (exact.bfloat16().float() - exact).pow(2).sum().item()
+        norm += module.get_delta_weight(adapter).float().pow(2).sum().item()
+    if norm == 0:
+        raise ValueError("no 4-bit LoRA layers with a non-zero update found (train the adapter first)")
+    return {"requant_4bit": (err4 / norm) ** 0.5, "round_16bit": (err16 / norm) ** 0.5}
