@@ -11,6 +11,7 @@ Paper symbols (QLoRA Eq. 6): W_NF4 = `packed`, c2 = the block absmax (8-bit when
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+import sys
 from functools import lru_cache
 
 import torch
@@ -20,7 +21,7 @@ BLOCKSIZES = tuple(2**k for k in range(5, 13))  # 32 ... 4096, what bitsandbytes
 NESTED_BLOCKSIZE = 256  # block size of the 8-bit quantization of the constants (paper section 3, bitsandbytes)
 NF4_OFFSET = 0.9677083  # outermost quantile probability in bitsandbytes' create_normal_map
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_CHUNK = 1 << 20  # elements per step: bounds temporary memory to a few MB whatever the tensor size
+_CHUNK = 1 << 21  # elements per step: bounds temporary memory (tens of MB) whatever the tensor size
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -88,18 +89,51 @@ def dynamic_map() -> torch.Tensor:
     return _dynamic_map_cpu().clone()
 
 
+@dataclass(frozen=True)
+class _Tables:
+    """Lookup tables of one data type on one device (built once, cached)."""
+
+    midpoints: torch.Tensor   # float32 (m-1,): halfway between consecutive used values, sorted ascending
+    order: torch.Tensor       # uint8 (m,): code of the i-th smallest used value
+    bin_low: torch.Tensor     # uint8 (65536,): sorted position of the smallest value in each bin (see below)
+    bin_midpoint: torch.Tensor  # float32 (65536,): the one midpoint inside that bin, +inf if none
+    byte_to_code: torch.Tensor | None  # uint8 (256,): packed positions -> packed codes, None when not needed
+    pairs: torch.Tensor       # int64 (256,): a byte's two code values (fp32, high nibble first) as one 8-byte word
+
+
 @lru_cache(maxsize=None)
-def _tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(midpoints between sorted used values, sorted position -> code, 256x2 byte -> two values), on `device`."""
+def _tables(quant_type: str, device: torch.device) -> _Tables:
     code = _codebook_cpu(quant_type)
-    used = torch.arange(1, 16) if quant_type == "int4" else torch.arange(16)
+    used = torch.arange(1, 16) if quant_type == "int4" else torch.arange(16)  # int4 never uses code 0 (-8)
     # stable sort: FP4's +0 (code 0) comes before -0 (code 8), the order bitsandbytes' CPU argsort gives
     order = used[torch.sort(code[used], stable=True).indices]
     sorted_values = code[order]
-    midpoints = (sorted_values[:-1] + sorted_values[1:]) / 2
+    midpoints = (sorted_values[:-1] + sorted_values[1:]) / 2  # fp32, as bitsandbytes computes them
+
+    # Fast nearest-code search. The top 16 bits of a float32 (sign, exponent, 7 mantissa bits) split all floats
+    # into 65536 bins, each a short interval of values. For each bin we store the sorted position of its lowest
+    # value and the midpoint that lies inside it (at most one does); a value's position is then
+    # bin_low + (value > bin_midpoint): two table lookups and a comparison instead of a binary search.
+    bits = torch.arange(65536, dtype=torch.int32) << 16
+    ends = torch.stack([bits.view(torch.float32), (bits | 0xFFFF).view(torch.float32)], dim=1)
+    ends[~torch.isfinite(ends).all(dim=1)] = 0.0  # Inf/NaN bins: scaled values never fall there
+    low, high = ends.min(dim=1).values, ends.max(dim=1).values
+    pos_low = torch.bucketize(low, midpoints)
+    inside = torch.bucketize(high, midpoints) - pos_low
+    assert int(inside.max()) <= 1, "two midpoints in one bin: the fast search would be wrong"
+    bin_midpoint = torch.where(inside == 1, midpoints[pos_low.clamp(max=len(midpoints) - 1)],
+                               torch.tensor(float("inf")))
+    consecutive = torch.equal(order, order[0] + torch.arange(len(order)))
+    bin_low = (pos_low + (order[0] if consecutive else 0)).to(torch.uint8)
+    byte_to_code = None
+    if not consecutive:  # FP4: positions are packed first, then mapped to codes one byte (two codes) at a time
+        byte = torch.arange(256)
+        byte_to_code = ((order[byte >> 4] << 4) | order[byte & 15]).to(torch.uint8)
     byte = torch.arange(256)
-    pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1)
-    return midpoints.to(device), order.to(torch.uint8).to(device), pairs.to(device)
+    pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous().view(torch.int64).reshape(256)
+    return _Tables(midpoints.to(device), order.to(torch.uint8).to(device), bin_low.to(device),
+                   bin_midpoint.to(device), None if byte_to_code is None else byte_to_code.to(device),
+                   pairs.to(device))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,44 +180,53 @@ def _raise_non_finite(w: torch.Tensor) -> None:
 # Blockwise quantization
 # ----------------------------------------------------------------------------------------------------------------
 
-def _nearest_codes(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
-    """Code (uint8) of the nearest value for each scaled value; a value exactly halfway goes to the lower value."""
-    midpoints, order, _ = _tables(quant_type, scaled.device)
-    position = torch.bucketize(scaled, midpoints, out_int32=True)  # right=False: ties -> lower position
-    return order[position]
+def _nearest_index(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """Index (uint8) of the nearest used code value in sorted order, for float32 values; halfway goes to the lower.
+
+    Equals torch.bucketize(scaled, midpoints) (bitsandbytes' CPU rule), plus 1 for Int4 so that it is the code
+    there; NF4 codes are already sorted; FP4's are mapped from sorted order after packing (`byte_to_code`).
+    """
+    t = _tables(quant_type, scaled.device)
+    bins = (scaled.view(torch.int32) >> 16) & 0xFFFF
+    return t.bin_low.index_select(0, bins) + (scaled > t.bin_midpoint.index_select(0, bins))
 
 
-def _pack(codes: torch.Tensor, quant_type: str) -> torch.Tensor:
-    """Two codes per byte, the first (even-index) element in the high nibble; an odd count is padded with the code
-    of 0.0 (bitsandbytes pads the scaled values with a zero before rounding)."""
-    if codes.numel() % 2:
-        codes = torch.cat([codes, _nearest_codes(codes.new_zeros(1, dtype=torch.float32), quant_type)])
-    pairs = codes.view(-1, 2)
-    return (pairs[:, 0] << 4) | pairs[:, 1]
+def _pack(positions: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit numbers per byte, the first (even-index) one in the high nibble; the count must be even."""
+    if sys.byteorder == "little":  # bytes (a, b) read as int16 are a + 256 b: (v << 4 | v >> 8) keeps a << 4 | b
+        v = positions.view(torch.int16)
+        return ((v << 4) | (v >> 8)).to(torch.uint8)
+    return (positions[0::2] << 4) | positions[1::2]
 
 
 def _quantize_flat(flat: torch.Tensor, quant_type: str, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and fp32 absmax of a flat tensor, with bitsandbytes' arithmetic (x * (1/absmax) in fp32)."""
+    """Packed codes and fp32 absmax of a flat tensor, with bitsandbytes' arithmetic (x * (1/absmax) in fp32)."""
     n = flat.numel()
     full = n - n % blocksize
-    codes = torch.empty(n, dtype=torch.uint8, device=flat.device)
+    positions = torch.empty(n + n % 2, dtype=torch.uint8, device=flat.device)
     absmax_parts = []
     step = max(blocksize, _CHUNK // blocksize * blocksize)
-    for start in range(0, full, step):  # chunks of many blocks, to keep temporaries small
+    buffer = torch.empty(min(step, full), dtype=torch.float32, device=flat.device)
+    for start in range(0, full, step):  # chunks of many blocks keep the temporaries small and in cache
         block = flat[start:min(start + step, full)].float().view(-1, blocksize)
         absmax = block.abs().amax(dim=1)
-        scaled = block * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)
-        codes[start:start + block.numel()] = _nearest_codes(scaled.view(-1), quant_type)
+        scaled = buffer[:block.numel()]
+        torch.mul(block, (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), out=scaled.view(-1, blocksize))
+        positions[start:start + block.numel()] = _nearest_index(scaled, quant_type)
         absmax_parts.append(absmax)
-    if full < n:  # the last, partial block: bitsandbytes divides here and stores the clamped absmax
+    if full < n:  # the last, partial block: bitsandbytes divides here, and stores the clamped absmax
         tail = flat[full:].float()
         absmax = tail.abs().amax().clamp(min=1e-38)
-        codes[full:] = _nearest_codes(tail / absmax, quant_type)
+        positions[full:n] = _nearest_index(tail / absmax, quant_type)
         absmax_parts.append(absmax.reshape(1))
+    if n % 2:  # bitsandbytes pads the scaled values with one 0.0 before rounding
+        positions[n:] = _nearest_index(torch.zeros(1, device=flat.device), quant_type)
     absmax = torch.cat(absmax_parts)
-    if not torch.isfinite(absmax).all():  # a NaN or Inf in a block makes its absmax non-finite: free check
+    if not torch.isfinite(absmax).all():  # a NaN or Inf makes its block's absmax non-finite: a free check
         _raise_non_finite(flat)
-    return codes, absmax
+    packed = _pack(positions)
+    table = _tables(quant_type, flat.device).byte_to_code
+    return (packed if table is None else table.index_select(0, packed.int())), absmax
 
 
 def _quantize_8bit_cpu_rule(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,15 +298,20 @@ class QuantizedTensor:
         """The values the codes stand for, code value * block absmax in fp32, then cast to `dtype` (default: original)."""
         dtype = self.dtype if dtype is None else dtype
         n, bs = self.numel, self.blocksize
-        _, _, pairs = _tables(self.quant_type, self.packed.device)
-        values = pairs.index_select(0, self.packed.int()).view(-1)  # two values per byte: a 256-entry lookup
+        pairs = _tables(self.quant_type, self.device).pairs
         scales = self.scales()
-        out = torch.empty(n, dtype=dtype, device=self.packed.device)
-        full = n - n % bs
-        if full:
-            torch.mul(values[:full].view(-1, bs), scales[:full // bs].unsqueeze(1), out=out[:full].view(-1, bs))
-        if full < n:
-            torch.mul(values[full:n], scales[-1], out=out[full:])
+        out = torch.empty(n, dtype=dtype, device=self.device)
+        step = max(bs, _CHUNK // 2 // bs * bs)  # elements per step (even): temporaries stay in cache
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            # one 256-entry lookup per byte gives both values (the fp32 pair is moved as one int64: bits untouched)
+            values = pairs.index_select(0, self.packed[start // 2:(stop + 1) // 2].int()).view(torch.float32)
+            full = (stop - start) // bs * bs
+            if full:  # value * its block's absmax in fp32, rounded once to the output dtype
+                torch.mul(values[:full].view(-1, bs), scales[start // bs:(start + full) // bs].unsqueeze(1),
+                          out=out[start:start + full].view(-1, bs))
+            if start + full < stop:  # the partial last block
+                torch.mul(values[full:stop - start], scales[-1], out=out[start + full:stop])
         return out.view(self.shape)
 
     @property
@@ -354,8 +402,7 @@ def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
     quant_type = _check_quant_type(quant_type)
     blocksize = _check_blocksize(blocksize)
     flat = w.detach().reshape(-1)
-    codes, absmax = _quantize_flat(flat, quant_type, blocksize)
-    packed = _pack(codes, quant_type)
+    packed, absmax = _quantize_flat(flat, quant_type, blocksize)
     if not double_quant:
         return QuantizedTensor(packed, absmax, w.shape, w.dtype, blocksize, quant_type)
     offset = absmax.mean()
