@@ -1,0 +1,40 @@
+"""Write the embedded instruction data sets: data/stories/*.jsonl and data/qa/*.jsonl (seeded, reproducible).
+
+    python scripts/build_data.py            # writes into data/ (or --out DIR)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from qlora_tutor import storyworld
+from qlora_tutor.paths import REPO_ROOT
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write JSON Lines atomically (temporary file in the same folder, then os.replace)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "data", help="folder to write stories/ and qa/ into")
+    args = parser.parse_args()
+    for skill in ("stories", "qa"):
+        for split, rows in storyworld.make_splits(skill).items():
+            path = args.out / skill / f"{split}.jsonl"
+            write_jsonl(path, rows)
+            print(f"{path}: {len(rows)} examples, {path.stat().st_size / 1e6:.2f} MB")
+
+
+if __name__ == "__main__":
+    main()
