@@ -125,6 +125,19 @@ def fingerprint_callback(log: Any = None) -> Any:
     return AdapterFingerprint()
 
 
+def adapter_difference(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """||a - b|| over all adapter tensors, relative to ||B|| of `b`: LoRA's B starts at zero, so its norm is what
+    training learned. Robust where a max-abs difference is not: AdamW turns rounding noise in near-zero gradients
+    into sign flips of single coordinates."""
+    if sorted(a) != sorted(b):
+        raise ValueError(f"the adapters hold different tensors: {sorted(set(a) ^ set(b))[:4]}")
+    diff = sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in a) ** 0.5
+    scale = sum(float((b[k].double() ** 2).sum()) for k in b if "lora_B" in k) ** 0.5
+    if scale == 0:
+        raise ValueError("the reference adapter's B matrices are all zero: it has not been trained")
+    return diff / scale
+
+
 _FINGERPRINT = re.compile(r"rank (\d+)/(\d+): adapter fingerprint ([0-9a-f]{64})")
 
 
@@ -359,7 +372,8 @@ def plot_per_gpu(estimates: Sequence[PerGPUMemory], capacity_bytes: float | None
             bottom += v / memory.GB
         ax.plot([x - 0.3, x + 0.3], [est.on_card / memory.GB] * 2, color="black", lw=1)  # predicted peak + context
     if capacity_bytes:
-        ax.axhline(capacity_bytes / memory.GB, color="red", ls="--", lw=1, label="card")
+        ax.axhline(capacity_bytes / memory.GB, color="red", ls="--", lw=1,
+                   label=f"card ({capacity_bytes / memory.GB:.1f} GB)")
     ax.set_xticks(range(len(estimates)), [f"{e.strategy}\n{e.n_gpus} GPU" + "s" * (e.n_gpus > 1) +
                                           (" + offload" if e.settings.get("cpu_offload") else "")
                                           for e in estimates])

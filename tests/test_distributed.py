@@ -54,6 +54,25 @@ def test_fingerprints_are_found_in_launch_output():
     assert dist_mod.parse_fingerprints("rank 0/2: adapter fingerprint abc") == {}  # not a sha256
 
 
+def test_adapter_difference_is_relative_to_what_training_learned():
+    g = torch.Generator().manual_seed(0)
+    ref = {"x.lora_A.weight": torch.randn(4, 8, generator=g), "x.lora_B.weight": torch.randn(8, 4, generator=g) * 1e-3}
+    same = {k: v.clone() for k, v in ref.items()}
+    assert dist_mod.adapter_difference(same, ref) == 0.0
+    import numpy as np
+    for seed in (1, 2):
+        g2 = torch.Generator().manual_seed(seed)
+        other = {k: v + torch.randn(v.shape, generator=g2) * 1e-4 for k, v in ref.items()}
+        flat = lambda d, keys: np.concatenate([d[k].double().numpy().ravel() for k in keys])  # noqa: E731
+        keys = sorted(ref)
+        want = np.linalg.norm(flat(other, keys) - flat(ref, keys)) / np.linalg.norm(flat(ref, ["x.lora_B.weight"]))
+        assert math.isclose(dist_mod.adapter_difference(other, ref), want, rel_tol=1e-9)
+    with pytest.raises(ValueError, match="different tensors"):
+        dist_mod.adapter_difference({"y.lora_B.weight": torch.ones(1)}, ref)
+    with pytest.raises(ValueError, match="not been trained"):
+        dist_mod.adapter_difference(ref, {k: torch.zeros_like(v) for k, v in ref.items()})
+
+
 def test_fingerprint_changes_with_any_trainable_value():
     torch.manual_seed(0)
     a, b = torch.nn.Linear(7, 5), torch.nn.Linear(7, 5)
@@ -299,8 +318,10 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def _finetune_is_rank_aware() -> bool:
-    src = (REPO / "qlora_tutor" / "finetune.py").read_text()
-    return "distributed.device_map()" in src and "rank.is_main" in src
+    """finetune.run knows its rank (the multi-process support proposed in issue 8); until then the test skips."""
+    import inspect
+    from qlora_tutor import finetune
+    return "rank_info" in inspect.getsource(finetune.run)
 
 
 @pytest.mark.skipif(not _finetune_is_rank_aware(), reason="finetune.py lacks the multi-process changes proposed "
@@ -322,7 +343,6 @@ def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_model):
     assert sorted(prints) == [0, 1] and prints[0] == prints[1], prints  # the replicas are identical
     one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
     two = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
-    assert sorted(one) == sorted(two)
-    diff = max((one[k] - two[k]).abs().max().item() for k in one)
-    moved = max(one[k].abs().max().item() for k in one if "lora_B" in k)  # B starts at zero
-    assert diff < 1e-5 and moved > 100 * diff, (diff, moved)
+    rel = dist_mod.adapter_difference(two, one)
+    # float rounding (all-reduce adds two partial gradients in another order) stays far below what training learned
+    assert rel < 1e-3, rel
