@@ -59,7 +59,8 @@ class QuantizedLinear(nn.Module):
     """A frozen linear layer whose weight is stored in 4 bits (like bitsandbytes' Linear4bit); no adapter.
 
     Input is cast to `compute_dtype`, the output back to the input's dtype. The bias (if any) stays a frozen
-    parameter in its original dtype.
+    parameter in its original dtype. The 4-bit weight is a plain attribute, not a parameter or buffer, so
+    `state_dict()` does not contain it: save adapters (the trainable part), not the whole quantized model.
     """
 
     def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None, compute_dtype: torch.dtype):

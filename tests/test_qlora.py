@@ -151,6 +151,18 @@ def test_compute_dtype_bf16_on_cpu_matches_bitsandbytes():
     assert _rel(y1, y2) < 1e-2  # bf16 has 8 significant bits; both round the same products
 
 
+def test_module_moves_and_casts_keep_the_4bit_storage():
+    torch.manual_seed(6)
+    layer = QLoRALinear.from_linear(nn.Linear(64, 16), 4, 8, compute_dtype=torch.float32)
+    x = torch.randn(3, 64)
+    y = layer(x)
+    layer.to("cpu").double()  # a dtype cast must not touch the packed codes; the bias and adapter follow it
+    assert layer.base_layer.weight.packed.dtype == torch.uint8 and layer.lora_A.dtype == torch.float64
+    assert layer.base_layer.weight.packed.device.type == "cpu"
+    assert torch.allclose(layer(x.double()), y.double(), atol=1e-5)
+    assert sorted(layer.state_dict()) == ["base_layer.bias", "lora_A", "lora_B"]
+
+
 def test_merged_linear_equals_layer():
     torch.manual_seed(4)
     layer = QLoRALinear.from_linear(nn.Linear(96, 50), 4, 8, compute_dtype=torch.float32)
