@@ -310,12 +310,17 @@ def estimate(config: Any, method: str, *, weight_dtype: str = "bf16", quant_type
     # Gradients grow while activations are freed, so the two do not peak together. Three moments are compared:
     # the loss backward (all activations, fp32 logit gradients, no parameter gradients yet); backward through
     # the last layer (its activations recomputed under GC, head and one layer's gradients); the end of backward
-    # (all gradients; with tied embeddings the embedding's gradient and its sum with lm_head's are fresh copies).
+    # (layer 0 with nearly all gradients; with tied embeddings the embedding's gradient and its sum with lm_head's
+    # are fresh copies).
     head_moment = T * (kept + rope + final + logits_saved + head_transient)
     layer_act = T * (kept + rope + (layer if gradient_checkpointing else 0) + layer_transient)
     head_grads = (V * h + h) * e if full else 0
     layer_moment = layer_act + head_grads + (grads - head_grads) // L
-    end_moment = grads + (2 * V * h * e if (full and shape.tied_embeddings) else 0)  # measured: two copies
+    # backward through layer 0: nearly all gradients exist, and layer 0's activations (recomputed under GC)
+    embed_grad = V * h * e if (full and not shape.tied_embeddings) else 0  # arrives after layer 0
+    layer0 = T * ((e * h if gradient_checkpointing else 0) + rope + layer - no_grad_norm + layer_transient)
+    end_moment = max(grads - embed_grad - (grads - head_grads) // L + layer0,
+                     grads + (2 * V * h * e if (full and shape.tied_embeddings) else 0))  # tied: two copies
     act_peak = max(head_moment, layer_act)
 
     overhead = CUBLAS_WORKSPACE_BYTES if device == "cuda" else 0
