@@ -229,6 +229,15 @@ def _quantize_flat(flat: torch.Tensor, quant_type: str, blocksize: int) -> tuple
     return (packed if table is None else table.index_select(0, packed.int())), absmax
 
 
+@lru_cache(maxsize=None)
+def _grid_table(device: torch.device) -> torch.Tensor:
+    """Code of the nearest dynamic-map value for each of 65536 grid points on [-1, 1] (ties go to the lower one)."""
+    code = _dynamic_map_cpu()
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    grid = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32)) / 65535.0
+    return torch.searchsorted(midpoints, grid).to(torch.uint8).to(device)  # first midpoint >= the grid point
+
+
 def _quantize_8bit_cpu_rule(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit blockwise quantization with bitsandbytes' CPU rule (used for the constants in double quantization).
 
@@ -236,10 +245,7 @@ def _quantize_8bit_cpu_rule(x: torch.Tensor, blocksize: int) -> tuple[torch.Tens
     on [-1, 1] and looks the code up in a table built for those points. That is not always the nearest value (it
     is near zero, where the dynamic map is finer than the grid); CUDA's kernel searches exactly. We match the CPU.
     """
-    code = _dynamic_map_cpu().to(x.device)
-    midpoints = 0.5 * (code[:-1] + code[1:])
-    grid = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32, device=x.device)) / 65535.0
-    lut = torch.searchsorted(midpoints, grid).to(torch.uint8)  # index of the first midpoint >= grid point
+    lut = _grid_table(x.device)
     n = x.numel()
     padded = torch.nn.functional.pad(x.float(), (0, -n % blocksize)).view(-1, blocksize)
     absmax = padded.abs().amax(dim=1)
@@ -302,10 +308,17 @@ class QuantizedTensor:
         scales = self.scales()
         out = torch.empty(n, dtype=dtype, device=self.device)
         step = max(bs, _CHUNK // 2 // bs * bs)  # elements per step (even): temporaries stay in cache
+        buffer = torch.empty(min(step, n + 1) // 2 + 1, dtype=torch.int64, device=self.device)
         for start in range(0, n, step):
             stop = min(start + step, n)
-            # one 256-entry lookup per byte gives both values (the fp32 pair is moved as one int64: bits untouched)
-            values = pairs.index_select(0, self.packed[start // 2:(stop + 1) // 2].int()).view(torch.float32)
+            index = self.packed[start // 2:(stop + 1) // 2].int()
+            # one 256-entry lookup per byte gives both values (the fp32 pair is moved as one int64: bits untouched);
+            # for fp32 output it is written straight into `out` and scaled in place
+            if dtype == torch.float32 and (stop - start) % 2 == 0:
+                values = out[start:stop]
+                torch.index_select(pairs, 0, index, out=values.view(torch.int64))
+            else:
+                values = torch.index_select(pairs, 0, index, out=buffer[:index.numel()]).view(torch.float32)
             full = (stop - start) // bs * bs
             if full:  # value * its block's absmax in fp32, rounded once to the output dtype
                 torch.mul(values[:full].view(-1, bs), scales[start // bs:(start + full) // bs].unsqueeze(1),
