@@ -10,8 +10,8 @@ Paper symbols (QLoRA Eq. 6): W_NF4 = `packed`, c2 = the block absmax (8-bit when
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 import sys
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -46,9 +46,11 @@ def normal_float_levels(offset: float = NF4_OFFSET, bits: int = 4) -> torch.Tens
 
 
 def _fp4_levels() -> torch.Tensor:
-    """bitsandbytes' FP4 (E2M1, exponent bias 2) in bit-pattern order: bit 3 is the sign, bits 2-0 exponent/mantissa."""
-    # 3-bit magnitudes 0b000..0b111: subnormals 0 and 0.0625, then (1 + m/2) * 2^(e-1) for e = 1..3 (e=1 -> 2, 3)
-    # but bitsandbytes orders the exponent field so that 0b010/0b011 are the largest (8, 12) and 0b110/0b111 are 2, 3.
+    """bitsandbytes' FP4 (E2M1) in bit-pattern order: code = sign bit, 2 exponent bits e, 1 mantissa bit m.
+
+    Magnitude (before dividing by the largest, 12): m * 0.0625 when e = 0 (subnormal), else (1 + m/2) * 2^(4-e):
+    0b01m -> 8, 12; 0b10m -> 4, 6; 0b11m -> 2, 3. Codes 8-15 are the negatives, code 8 being -0.
+    """
     magnitude = torch.tensor([0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0])
     return torch.cat([magnitude, -magnitude]) / 12.0
 
@@ -303,6 +305,9 @@ class QuantizedTensor:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The values the codes stand for, code value * block absmax in fp32, then cast to `dtype` (default: original)."""
         dtype = self.dtype if dtype is None else dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dequantize() returns floating-point values: pass dtype=torch.float32, bfloat16 or "
+                            f"float16 (or None for the original {self.dtype}), not {dtype!r}")
         n, bs = self.numel, self.blocksize
         pairs = _tables(self.quant_type, self.device).pairs
         scales = self.scales()
@@ -352,7 +357,7 @@ class QuantizedTensor:
 
     # -- bitsandbytes interop ----------------------------------------------------------------------------------
 
-    def to_bitsandbytes(self):
+    def to_bitsandbytes(self) -> tuple[torch.Tensor, "bitsandbytes.functional.QuantState"]:
         """(packed, QuantState) in bitsandbytes' layout, ready for bitsandbytes.functional.dequantize_4bit."""
         if self.quant_type not in ("nf4", "fp4"):
             raise ValueError(f"bitsandbytes has no {self.quant_type} 4-bit kernels (only 'nf4' and 'fp4'): "
@@ -370,7 +375,8 @@ class QuantizedTensor:
         return self.packed.view(-1, 1), state
 
     @classmethod
-    def from_bitsandbytes(cls, packed: torch.Tensor, quant_state, quant_type: str | None = None) -> "QuantizedTensor":
+    def from_bitsandbytes(cls, packed: torch.Tensor, quant_state: "bitsandbytes.functional.QuantState",
+                          quant_type: str | None = None) -> "QuantizedTensor":
         """Wrap bitsandbytes' (packed, QuantState) without copying; `quant_type`, if given, must match the state's."""
         from bitsandbytes.functional import QuantState
 

@@ -53,6 +53,22 @@ def test_unknown_quant_type(quant_type):
         codebook(quant_type)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, "fp16"])
+def test_dequantize_needs_a_float_dtype(dtype):
+    with pytest.raises(TypeError, match="floating-point.*torch.float32"):
+        quantize(torch.randn(256)).dequantize(dtype)
+
+
+def test_module_imports_without_bitsandbytes():
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['bitsandbytes'] = None; import torch; from qlora_tutor.quant import quantize; "
+            "print(quantize(torch.randn(1000)).dequantize().shape)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "torch.Size([1000])" in out.stdout
+
+
 def test_int4_cannot_go_to_bitsandbytes():
     pytest.importorskip("bitsandbytes")
     with pytest.raises(ValueError, match="no int4 4-bit kernels"):
