@@ -21,7 +21,8 @@ BLOCKSIZES = tuple(2**k for k in range(5, 13))  # 32 ... 4096, what bitsandbytes
 NESTED_BLOCKSIZE = 256  # block size of the 8-bit quantization of the constants (paper section 3, bitsandbytes)
 NF4_OFFSET = 0.9677083  # outermost quantile probability in bitsandbytes' create_normal_map
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_CHUNK = 1 << 21  # elements per step: bounds temporary memory (tens of MB) whatever the tensor size
+_CHUNK = 1 << 22  # values per step: temporaries stay below ~80 MB whatever the tensor size, and few steps
+# keep the number of (multi-threaded) PyTorch ops small
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,7 +183,7 @@ def _raise_non_finite(w: torch.Tensor) -> None:
 # Blockwise quantization
 # ----------------------------------------------------------------------------------------------------------------
 
-def _nearest_index(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
+def _nearest_index(scaled: torch.Tensor, quant_type: str, out: torch.Tensor | None = None) -> torch.Tensor:
     """Index (uint8) of the nearest used code value in sorted order, for float32 values; halfway goes to the lower.
 
     Equals torch.bucketize(scaled, midpoints) (bitsandbytes' CPU rule), plus 1 for Int4 so that it is the code
@@ -190,7 +191,7 @@ def _nearest_index(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
     """
     t = _tables(quant_type, scaled.device)
     bins = (scaled.view(torch.int32) >> 16) & 0xFFFF
-    return t.bin_low.index_select(0, bins) + (scaled > t.bin_midpoint.index_select(0, bins))
+    return torch.add(t.bin_low.index_select(0, bins), scaled > t.bin_midpoint.index_select(0, bins), out=out)
 
 
 def _pack(positions: torch.Tensor) -> torch.Tensor:
@@ -214,7 +215,7 @@ def _quantize_flat(flat: torch.Tensor, quant_type: str, blocksize: int) -> tuple
         absmax = block.abs().amax(dim=1)
         scaled = buffer[:block.numel()]
         torch.mul(block, (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), out=scaled.view(-1, blocksize))
-        positions[start:start + block.numel()] = _nearest_index(scaled, quant_type)
+        _nearest_index(scaled, quant_type, out=positions[start:start + block.numel()])
         absmax_parts.append(absmax)
     if full < n:  # the last, partial block: bitsandbytes divides here, and stores the clamped absmax
         tail = flat[full:].float()
@@ -312,7 +313,7 @@ class QuantizedTensor:
         pairs = _tables(self.quant_type, self.device).pairs
         scales = self.scales()
         out = torch.empty(n, dtype=dtype, device=self.device)
-        step = max(bs, _CHUNK // 2 // bs * bs)  # elements per step (even): temporaries stay in cache
+        step = max(bs, _CHUNK // bs * bs)  # values per step (even)
         buffer = torch.empty(min(step, n + 1) // 2 + 1, dtype=torch.int64, device=self.device)
         for start in range(0, n, step):
             stop = min(start + step, n)
