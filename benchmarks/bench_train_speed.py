@@ -4,7 +4,7 @@ QLoRA keeps the base in 4 bits and dequantizes every weight in every matmul (for
 that is its price in time. Variants: full (all weights train), lora (PEFT on a frozen base), qlora-bnb
 (bitsandbytes NF4+DQ Linear4bit + PEFT) and qlora-ours (qlora_tutor.qlora.add_adapters, pure PyTorch), each with
 gradient checkpointing off and on. Same random tokens, same optimizer (bitsandbytes AdamW32bit), steps timed round-robin
-across variants (a busy machine slows all alike), medians after warm-up. Ratios are relative to LoRA without checkpointing.
+across variants and checkpointing on/off (a busy machine slows all alike), medians after warm-up. Ratios are relative to LoRA without checkpointing.
 
     python benchmarks/bench_train_speed.py                         # CPU, small Llama, fp32
     python benchmarks/bench_train_speed.py --device cuda --model qwen2.5-1.5b --batch 4 --seq-len 512
@@ -100,21 +100,22 @@ def main(argv: list[str] | None = None) -> int:
             continue
         opt = M.make_optimizer([p for p in model.parameters() if p.requires_grad], "adamw_32bit", lr=1e-5)
         models[variant] = (model, opt)
-    # round-robin: every round times each variant once, so a busy machine slows all of them alike
-    rows = []
-    for gc_name in args.grad_ckpt.split(","):
-        for model, _ in models.values():
-            set_checkpointing(model, gc_name == "on")
-        times: dict[str, list[float]] = {v: [] for v in models}
-        for k in range(args.warmup + args.steps):
-            for variant, (model, opt) in models.items():
+    # round-robin: every round times each variant once with checkpointing off and once on, so a machine whose
+    # load changes during the run slows all of them alike
+    gc_modes = args.grad_ckpt.split(",")
+    times: dict[tuple[str, str], list[float]] = {(v, g): [] for g in gc_modes for v in models}
+    for k in range(args.warmup + args.steps):
+        for variant, (model, opt) in models.items():
+            for gc_name in gc_modes:
+                set_checkpointing(model, gc_name == "on")
                 t = one_step(model, opt, ids)
                 if k >= args.warmup:
-                    times[variant].append(t)
-        for variant, ts in times.items():
-            s = statistics.median(ts)
-            rows.append(dict(variant=variant, grad_ckpt=gc_name, step_s=s, tokens_per_s=tokens / s))
-            print(f"{variant:<11} GC {gc_name:<3} {1000 * s:9.1f} ms/step {tokens / s:10.0f} tokens/s", flush=True)
+                    times[(variant, gc_name)].append(t)
+    rows = []
+    for (variant, gc_name), ts in times.items():
+        s = statistics.median(ts)
+        rows.append(dict(variant=variant, grad_ckpt=gc_name, step_s=s, tokens_per_s=tokens / s))
+        print(f"{variant:<11} GC {gc_name:<3} {1000 * s:9.1f} ms/step {tokens / s:10.0f} tokens/s", flush=True)
     ref = next((r for r in rows if r["variant"] == "lora" and r["grad_ckpt"] == "off"), rows[0])
     lines = ["| variant | grad ckpt | ms/step | tokens/s | time vs LoRA (GC off) |", "|---|---|---|---|---|"]
     for r in rows:
