@@ -53,11 +53,13 @@ def bnb_quantize(w, quant_type, blocksize, double_quant):
 def assert_same_as_bnb(q: QuantizedTensor, packed, state) -> None:
     assert torch.equal(q.packed, packed.reshape(-1)), "packed bytes differ"
     assert q.absmax.dtype == state.absmax.dtype and torch.equal(q.absmax, state.absmax), "absmax differs"
+    assert torch.equal(codebook(q.quant_type), state.code), "code table differs"
     if state.nested:
         assert q.double_quant
         assert torch.equal(q.nested_absmax, state.state2.absmax), "nested absmax differs"
         assert torch.equal(q.offset, state.offset), "offset differs"
         assert q.nested_blocksize == state.state2.blocksize
+        assert torch.equal(dynamic_map(), state.state2.code), "8-bit map differs"
     else:
         assert not q.double_quant
     ref = F.dequantize_4bit(packed, state)
