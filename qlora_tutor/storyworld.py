@@ -160,10 +160,45 @@ def generate_story(rng: random.Random, friend_prob: float = 0.5) -> Story:
     return Story(e, write_story(e, rng))
 
 
-def generate_corpus(n: int, seed: int) -> list[str]:
-    """`n` story texts from the seeded generator: the pretraining corpus (no instructions in it)."""
+def generate_stories(n: int, seed: int) -> list[str]:
+    """`n` plain story texts from the seeded generator (held-out text for perplexity)."""
     rng = random.Random(seed)
     return [generate_story(rng).text for _ in range(n)]
+
+
+def write_title(e: Elements, rng: random.Random) -> str:
+    """A short title naming some of the story's elements (titles are how the model learns that a story
+    reuses what came before it; they are not instructions)."""
+    past = EVENTS[e.event][1] + (" away" if e.event == "give" else "")
+    return rng.choice([
+        f"{e.name} the {e.species}", f"{e.name} and the {e.colour} {e.object}", f"The {e.colour} {e.object}",
+        f"How {e.name} {past} the {e.colour} {e.object}", f"{e.name} {PLACES[e.place]}",
+        f"{e.name} the {e.species} and the {e.colour} {e.object}",
+    ])
+
+
+def generate_document(rng: random.Random) -> str:
+    """One pretraining document: a story (45%), a titled story (30%), or two stories about the same
+    character in the same place (25%, 'sequels'), so the model learns to carry names and things forward."""
+    r = rng.random()
+    first = sample_elements(rng)
+    if r < 0.45:
+        return write_story(first, rng)
+    if r < 0.75:
+        return write_title(first, rng) + "\n\n" + write_story(first, rng)
+    nxt = sample_elements(rng)
+    nxt = Elements(first.name, first.species, nxt.colour, nxt.object, first.place, nxt.event,
+                   nxt.friend if nxt.friend != first.name else None,
+                   nxt.friend_species if nxt.friend != first.name else None)
+    if nxt.event == "give" and nxt.friend is None:
+        nxt = Elements(*nxt.combo, friend=next(n for n in NAMES if n != first.name), friend_species=first.species)
+    return write_story(first, rng) + "\n\n" + write_story(nxt, rng)
+
+
+def generate_corpus(n: int, seed: int) -> list[str]:
+    """`n` documents from the seeded generator: the pretraining corpus (stories and titles; no instructions)."""
+    rng = random.Random(seed)
+    return [generate_document(rng) for _ in range(n)]
 
 
 # ----------------------------------------------------------------------------------------- instructions

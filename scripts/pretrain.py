@@ -139,6 +139,34 @@ def plot_loss(history: list[tuple[int, float]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+@torch.no_grad()
+def score_base(model_dir: Path, report_dir: Path, limit: int | None = None) -> dict:
+    """Greedy answers of the saved (not fine-tuned) model to the test prompts of both skills, and their scores.
+
+    This is the 'before' of fine-tuning: the base model has never seen the prompt template.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from qlora_tutor import data, score
+
+    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    result = {}
+    for skill, new_tokens in (("stories", 160), ("qa", 32)):
+        rows = data.load_examples(skill, "test")[:limit]
+        answers = []
+        for i in tqdm(range(0, len(rows), 50), desc=f"base model on {skill}/test", file=sys.stdout):
+            chunk = rows[i:i + 50]
+            enc = tok([data.format_prompt(r["instruction"], r["input"]) for r in chunk], return_tensors="pt", padding=True)
+            out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            answers += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        mean = score.mean_score([r["instruction"] for r in rows], answers, [r["input"] for r in rows])
+        result[skill] = {"test_prompts": len(rows), "mean_score": round(mean, 4),
+                         "examples": [{"instruction": r["instruction"], "answer": a} for r, a in zip(rows[:3], answers)]}
+        print(f"base model, {skill}/test: mean score {mean:.3f} over {len(rows)} prompts", flush=True)
+    (report_dir / "base_scores.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -147,17 +175,22 @@ def main() -> None:
     p.add_argument("--small", action="store_true", help="the smaller CPU configuration (hidden 128)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "data" / "embedded-model")
     p.add_argument("--report-dir", type=Path, default=None, help="where loss.png and metrics.json go (default: next to --out)")
-    p.add_argument("--stories", type=int, default=None, help="corpus size (default 1,500,000 on GPU, 60,000 on CPU)")
+    p.add_argument("--documents", type=int, default=None, help="corpus size (default 600,000 on GPU, 40,000 on CPU)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 256 GPU, 32 CPU)")
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--score-base", action="store_true",
+                   help="do not train: score the model saved at --out on the test splits (writes base_scores.json)")
     args = p.parse_args()
+    if args.score_base:
+        score_base(args.out, args.report_dir or args.out.parent)
+        return
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     gpu = device == "cuda"
-    n_stories = args.stories or (1_500_000 if gpu else 60_000)
+    n_stories = args.documents or (600_000 if gpu else 40_000)
     batch = args.batch_size or (256 if gpu else 32)
     report_dir = args.report_dir or args.out.parent
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -170,10 +203,10 @@ def main() -> None:
 
     # --- corpus and tokenizer (the held-out stories come from a different seed)
     corpus = storyworld.generate_corpus(n_stories, seed=args.seed)
-    heldout = storyworld.generate_corpus(2000, seed=args.seed + 1)
+    heldout = storyworld.generate_stories(2000, seed=args.seed + 1)
     tokenizer = train_tokenizer(corpus[:50_000], args.vocab_size)
     stream = torch.from_numpy(encode_corpus(tokenizer, corpus).astype(np.int64))
-    print(f"corpus: {n_stories:,} stories, {len(stream):,} tokens, vocab {len(tokenizer)}, "
+    print(f"corpus: {n_stories:,} documents, {len(stream):,} tokens, vocab {len(tokenizer)}, "
           f"prepared in {time.time() - t0:.0f}s", flush=True)
 
     # --- model
@@ -265,7 +298,7 @@ def main() -> None:
         "config": config_name, "parameters": n_params, "bytes_on_disk": size,
         "weights_bytes": (args.out / "model.safetensors").stat().st_size,
         "vocab_size": len(tokenizer), "context": args.context, "steps": steps, "batch_size": batch,
-        "tokens_seen": steps * batch * args.context, "corpus_stories": n_stories, "corpus_tokens": len(stream),
+        "tokens_seen": steps * batch * args.context, "corpus_documents": n_stories, "corpus_tokens": len(stream),
         "lr": args.lr, "seed": args.seed, "train_seconds": round(train_seconds, 1),
         "tokens_per_second": round(steps * batch * args.context / train_seconds),
         "final_train_loss": history[-1][1], "heldout_stories": len(heldout), "heldout_perplexity": round(ppl, 4),

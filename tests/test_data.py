@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from qlora_tutor import data
 
@@ -226,3 +226,45 @@ def test_resolve_dataset():
     assert data.resolve_dataset("qa").name == "qa"
     assert data.resolve_dataset("timdettmers/openassistant-guanaco") == "timdettmers/openassistant-guanaco"
     assert data.EMBEDDED_MODEL_DIR == data.paths.data_dir() / "embedded-model"
+
+
+# ------------------------------------------------------------------------------ the embedded data sets
+from qlora_tutor import score, storyworld  # noqa: E402
+
+
+@pytest.mark.parametrize("skill", ["stories", "qa"])
+def test_embedded_splits_sizes_disjoint_and_reproducible(skill):
+    splits = {s: data.load_examples(skill, s) for s in data.SPLITS}
+    assert {s: len(r) for s, r in splits.items()} == storyworld.SPLIT_SIZES[skill]
+
+    def combos(rows):  # read from the text itself, not from the stored fields
+        parse = storyworld.parse_instruction if skill == "stories" else storyworld.parse_story
+        out = set()
+        for r in rows:
+            p = parse(r["instruction"] if skill == "stories" else r["input"])
+            out.add((p["name"], p["species"], p["colour"], p["object"], p["place"], p["event"]))
+        return out
+    test, val, train = combos(splits["test"]), combos(splits["validation"]), combos(splits["train"])
+    assert len(test) == len(splits["test"]) and None not in {x for c in test for x in c}
+    assert not test & train and not test & val and not val & train
+    regenerated = storyworld.make_examples(skill, storyworld.SPLIT_SIZES[skill]["test"], storyworld.SPLIT_SEEDS[skill])
+    assert [{k: v for k, v in r.items() if k != "_where"} for r in splits["test"]] == regenerated
+
+
+def test_embedded_outputs_score_one_and_corpus_has_no_instructions():
+    rows = data.load_examples("stories", "validation")
+    assert score.mean_score([r["instruction"] for r in rows], [r["output"] for r in rows]) == 1.0
+    rows = data.load_examples("qa", "validation")
+    assert score.mean_score([r["instruction"] for r in rows], [r["output"] for r in rows],
+                            [r["input"] for r in rows]) == 1.0
+    corpus = " ".join(storyworld.generate_corpus(3000, seed=1234))
+    for marker in ("###", "Instruction", "Response", "Write", "Tell me", "What kind", "Where does"):
+        assert marker not in corpus
+
+
+def test_embedded_examples_fit_the_context():
+    tok = AutoTokenizer.from_pretrained(data.EMBEDDED_MODEL_DIR)
+    for skill in ("stories", "qa"):
+        for ex in data.load_examples(skill, "train")[:400]:
+            f = data.tokenize_example(ex, tok, max_length=256)
+            assert f["input_ids"][-1] == tok.eos_token_id  # never truncated
