@@ -101,6 +101,10 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", help=(
         "keep all activations instead of recomputing them in the backward pass: faster, but more memory"))
     g.add_argument("--seed", type=int, default=d["seed"], help="random seed (same seed, same machine: same run)")
+    g.add_argument("--threads", type=int, default=d["threads"], help=(
+        "CPU threads for torch. 0 = auto: 1 thread for small models on a CPU (their matrices are too small to "
+        "split; extra threads mostly wait on each other, badly so when other programs share the cores), "
+        "torch's default otherwise (default: %(default)s)"))
     g.add_argument("--train-examples", type=int, default=d["train_examples"], help=(
         "use only the first N training examples (default: all)"))
     g.add_argument("--save-steps", type=int, default=d["save_steps"], help=(
@@ -246,6 +250,7 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default="results/compare", help="folder for the tables and plot (default: %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per method (default: 0 1 2)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the finetune default)")
+    p.add_argument("--batch-size", type=int, default=None, help="examples per step (default: the finetune default)")
     p.add_argument("--methods", nargs="+", default=None, help="subset of methods to run (default: all)")
     p.add_argument("--generate-examples", type=int, default=None, help="prompts scored per run")
     p.add_argument("--eval-examples", type=int, default=None, help="held-out examples for the loss per run")
@@ -256,7 +261,7 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .compare import run_compare
-    overrides = {k: getattr(args, k) for k in ("steps", "generate_examples", "eval_examples")
+    overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "generate_examples", "eval_examples")
                  if getattr(args, k) is not None}
     run_compare(args.output, seeds=args.seeds, methods=args.methods, model=args.model, data=args.data,
                 isolate=args.isolate, **overrides)

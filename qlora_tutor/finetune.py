@@ -55,18 +55,19 @@ class FinetuneConfig:
     learning_rate: float = 2e-3
     batch_size: int = 16
     grad_accum: int = 1
-    max_length: int = 192
+    max_length: int = 176
     warmup_steps: int = 5
     max_grad_norm: float = 0.3         # the paper's value
     seed: int = 0
     train_examples: int | None = None  # use only the first N training examples (None: all)
     eval_examples: int = 64            # held-out examples for the loss
     generate_examples: int = 32        # held-out prompts answered greedily for the score
-    max_new_tokens: int = 96
+    max_new_tokens: int = 120
     gradient_checkpointing: bool = True
     optim: str = "auto"                # auto: paged_adamw_32bit on CUDA, adamw_torch on CPU
     save_steps: int = 50
     logging_steps: int = 5
+    threads: int = 0                   # CPU threads for torch; 0 = auto (1 for small models on a CPU, see below)
 
     def identity(self) -> dict[str, Any]:
         """The fields a checkpoint must share with this config to be resumed."""
@@ -201,11 +202,11 @@ def load_base(model_path: str, method: str, compute_dtype: torch.dtype, quant_ty
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    _keep_cpu_4bit_layout(model)
+    keep_standard_4bit_layout(model)
     return model
 
 
-def _keep_cpu_4bit_layout(model: Any) -> None:
+def keep_standard_4bit_layout(model: Any) -> None:
     """Stop bitsandbytes (0.50) from repacking 4-bit weights for its bf16 CPU inference kernel.
 
     On CPUs with AVX512-BF16, the first forward pass in eval mode converts each Linear4bit weight, for good, to
@@ -215,6 +216,26 @@ def _keep_cpu_4bit_layout(model: Any) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def eval_batch_size(cfg: FinetuneConfig) -> int:
+    """Prompts per generation batch: generous, since each decoding step dequantizes every 4-bit weight once
+    for the whole batch, so bigger batches cost little more per step."""
+    return max(cfg.batch_size, 32)
+
+
+def configure_threads(model: Any, requested: int = 0) -> int:
+    """Set torch's CPU thread count: `requested`, or for 0 (auto) one thread when a small model runs on a CPU.
+
+    The embedded model's matrices are tiny (256 x 704): splitting each product over threads costs more in
+    synchronisation than it saves, and when other programs share the cores the threads wait on each other
+    (measured on a busy 2-core machine: 4-bit generation 20x slower with 2 threads than with 1).
+    """
+    if requested:
+        torch.set_num_threads(requested)
+    elif not torch.cuda.is_available() and count_parameters(model)[1] < 50_000_000:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
 
 
 def lora_config(cfg: FinetuneConfig) -> Any:
@@ -255,8 +276,10 @@ def load_trained(run_or_adapter: str | Path, model: str | None = None, dtype: st
     tokenizer = load_tokenizer(model_path)
     if cfg.method == "full":
         base = load_base(str(folder), "full", compute)
+        configure_threads(base, cfg.threads)
         return base.eval(), tokenizer, cfg
     base = _prepare_base_only(load_base(model_path, cfg.method, compute, cfg.quant_type, cfg.double_quant), cfg)
+    configure_threads(base, cfg.threads)
     return PeftModel.from_pretrained(base, str(folder)).eval(), tokenizer, cfg
 
 
@@ -264,6 +287,7 @@ def load_untrained(cfg: FinetuneConfig) -> tuple[Any, Any]:
     """The base model alone, loaded as `cfg` would train it (4-bit for qlora), for a before-training look."""
     model_path, compute = check_config(cfg)
     base = _prepare_base_only(load_base(model_path, cfg.method, compute, cfg.quant_type, cfg.double_quant), cfg)
+    configure_threads(base, cfg.threads)
     return base.eval(), load_tokenizer(model_path)
 
 
@@ -436,6 +460,13 @@ def prepare_output(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = 
 
 
 # ------------------------------------------------------------------------------------------------- training
+def resolved_optim(cfg: FinetuneConfig) -> str:
+    """The optimizer 'auto' stands for: paged AdamW (32-bit state) on CUDA, plain AdamW on a CPU."""
+    if cfg.optim != "auto":
+        return cfg.optim
+    return "paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch"
+
+
 def training_arguments(cfg: FinetuneConfig, compute: torch.dtype, output_dir: str) -> Any:
     """The Trainer's settings: the paper's max grad norm 0.3 and constant schedule after a short warm-up.
 
@@ -445,7 +476,7 @@ def training_arguments(cfg: FinetuneConfig, compute: torch.dtype, output_dir: st
     """
     from transformers import TrainingArguments
     cuda = torch.cuda.is_available()
-    optim = cfg.optim if cfg.optim != "auto" else ("paged_adamw_32bit" if cuda else "adamw_torch")
+    optim = resolved_optim(cfg)
     return TrainingArguments(
         output_dir=output_dir, max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
@@ -494,7 +525,9 @@ def train(model: Any, tokenizer: Any, train_examples: list[dict], cfg: FinetuneC
     """Run the transformers Trainer on the tokenized examples; returns the log history (losses per step)."""
     from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    dataset = data.build_dataset(train_examples, tokenizer, cfg.max_length)
+    data.ensure_pad_token(tokenizer)
+    # the data pipeline's tokenization (prompt masked, EOS appended); a plain list is all the Trainer needs
+    dataset = [data.tokenize_example(ex, tokenizer, cfg.max_length) for ex in train_examples]
     trainer = Trainer(model=model, args=training_arguments(cfg, compute, checkpoint_dir), train_dataset=dataset,
                       data_collator=data.DataCollator(tokenizer), callbacks=list(callbacks or []))
     trainer.remove_callback(PrinterCallback)
@@ -533,9 +566,10 @@ def run(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = False, save
     info = hardware.detect()
     quant = f" {cfg.quant_type}{' + double quant' if cfg.double_quant else ''}" if cfg.method == "qlora" else ""
     log(f"model {cfg.model} ({model_path}); method {cfg.method}{quant}; compute {str(compute).replace('torch.', '')}"
-        f" on {info}")
+        f" on {info.device.upper()} {info.name}")
     with PeakMemory() as mem:
         base = load_base(model_path, cfg.method, compute, cfg.quant_type, cfg.double_quant)
+        threads = configure_threads(base, cfg.threads)
         _, n_total = count_parameters(base)
         bytes_stored, bytes_16 = weight_bytes(base, other_bytes_per_value=2), 2 * n_total
         model = prepare_for_training(base, cfg)
@@ -544,8 +578,10 @@ def run(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = False, save
             log(f"base model weights: {_mb(bytes_stored)} in 4-bit vs {_mb(bytes_16)} in 16-bit "
                 f"({bytes_16 / bytes_stored:.1f}x smaller; embeddings and norms stay 16-bit)")
         log(f"trainable parameters: {trainable:,} of {n_total:,} ({100 * trainable / n_total:.2f}%)")
+        if not torch.cuda.is_available():
+            log(f"CPU threads: {threads}")
         eval_kw = dict(n_generate=cfg.generate_examples, max_new_tokens=cfg.max_new_tokens,
-                       max_length=cfg.max_length, batch_size=max(cfg.batch_size, 16))
+                       max_length=cfg.max_length, batch_size=eval_batch_size(cfg))
         held_out = test_examples[: cfg.eval_examples]
         before = None
         cached = out / "before.json"
@@ -574,7 +610,8 @@ def run(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = False, save
         "base_bytes_16bit": bytes_16, "peak_memory_bytes": mem.used, "train_seconds": train_seconds,
         "before": before, "after": after, "loss_history": [
             {"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
-        "train_examples": len(train_examples), "heldout_examples": len(held_out),
+        "train_examples": len(train_examples), "heldout_examples": len(held_out), "cpu_threads": threads,
+        "optimizer": resolved_optim(cfg),
     }
     if save:
         kind = "model" if cfg.method == "full" else "adapter"

@@ -133,7 +133,7 @@ def test_reloading_the_adapter_on_the_4bit_base_reproduces_the_evaluation_exactl
     model, tokenizer, cfg = finetune.load_trained(out)
     _, test = finetune.load_splits(cfg)
     again = generation.evaluate(model, tokenizer, test[:cfg.eval_examples], None, cfg.generate_examples,
-                                cfg.max_new_tokens, cfg.max_length, batch_size=16)
+                                cfg.max_new_tokens, cfg.max_length, batch_size=finetune.eval_batch_size(cfg))
     assert again["loss"] == metrics["after"]["loss"]
     assert again["answers"] == metrics["after"]["answers"]
     with model.disable_adapter():  # the same check must notice a missing adapter
