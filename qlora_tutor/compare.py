@@ -8,6 +8,7 @@ spread, so each method runs with several seeds and the table says whether mean Â
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -71,6 +72,18 @@ def _run_isolated(cfg: finetune.FinetuneConfig) -> dict[str, Any]:
         if proc.returncode != 0:
             raise RuntimeError(f"compare run failed ({cfg.method}, seed {cfg.seed}):\n{proc.stderr[-3000:]}")
         return json.loads(out.read_text())
+
+
+def model_fingerprint(model: str) -> str:
+    """A short hash of the model's config and weight files, so cached runs of a changed model are not reused."""
+    path = Path(finetune.resolve_model(model))
+    if not path.is_dir():
+        return model  # a hub id: its name is all we know offline
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def summarize(rows: Sequence[dict[str, Any]], reference: str = REFERENCE) -> list[dict[str, Any]]:
@@ -155,10 +168,11 @@ def run_compare(output: str | Path, seeds: Sequence[int] = (0, 1, 2), methods: S
             r = json.loads(line)
             done[(r["method"], r["seed"])] = r
     rows = []
+    fingerprint = model_fingerprint(model)
     jobs = [(name, seed) for name in methods for seed in seeds]
     for name, seed in tqdm(jobs, desc="compare", unit="run"):
         cfg = method_config(name, seed, model=model, data=data, **overrides)
-        settings = asdict(cfg)
+        settings = {**asdict(cfg), "model_fingerprint": fingerprint}
         if (name, seed) in done and done[(name, seed)]["config"] == settings:
             rows.append(done[(name, seed)])
             continue
