@@ -93,6 +93,24 @@ def story_perplexity(model, tokenizer, texts: list[str], device: str, batch: int
     return math.exp(total / count)
 
 
+@torch.no_grad()
+def reset_unseen_tokens(model, tokenizer, texts: list[str]) -> int:
+    """Give every token that never occurs in the corpus the mean embedding of the tokens that do.
+
+    Byte-level BPE keeps all 256 bytes, and the corpus uses few of them. With tied embeddings, training
+    pushes those rows to large 'never predict me' vectors (norm ~2 vs ~1.1 seen), and a prompt made of such
+    tokens ('###', 'Write', ...) then derails the model. The mean row is neutral, as when transformers resizes
+    embeddings for new tokens. Returns how many rows were reset.
+    """
+    seen = torch.zeros(len(tokenizer), dtype=torch.bool)
+    for enc in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=True):
+        seen[enc.ids] = True
+    seen[[tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]] = True
+    emb = model.get_input_embeddings().weight
+    emb[~seen.to(emb.device)] = emb[seen.to(emb.device)].mean(0)
+    return int((~seen).sum())
+
+
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -167,6 +185,23 @@ def score_base(model_dir: Path, report_dir: Path, limit: int | None = None) -> d
     return result
 
 
+def finish_in_place(args) -> None:
+    """The last pretraining step (reset_unseen_tokens) applied to an already trained model folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.out)
+    model = AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32).eval()
+    heldout = storyworld.generate_stories(2000, seed=args.seed + 1)
+    before = story_perplexity(model, tokenizer, heldout, "cpu")
+    n_reset = reset_unseen_tokens(model, tokenizer, storyworld.generate_corpus(50_000, seed=args.seed))
+    after = story_perplexity(model, tokenizer, heldout, "cpu")
+    save_atomically(model, tokenizer, args.out)
+    report = {"unseen_tokens_reset": n_reset, "heldout_perplexity_before_reset": round(before, 4),
+              "heldout_perplexity": round(after, 4), "command": "python scripts/pretrain.py " + " ".join(sys.argv[1:])}
+    (args.report_dir or args.out.parent).joinpath("reset_unseen.json").write_text(json.dumps(report, indent=1))
+    print(report)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -181,11 +216,17 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--reset-unseen", action="store_true",
+                   help="do not train: apply the final unseen-token reset to the model at --out (for a model "
+                        "trained before that step existed), re-measure perplexity, save in place")
     p.add_argument("--score-base", action="store_true",
                    help="do not train: score the model saved at --out on the test splits (writes base_scores.json)")
     args = p.parse_args()
     if args.score_base:
         score_base(args.out, args.report_dir or args.out.parent)
+        return
+    if args.reset_unseen:
+        finish_in_place(args)
         return
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -277,7 +318,8 @@ def main() -> None:
             print(f"step {history[-1][0]:>6}  loss {history[-1][1]:.4f}  {time.time() - tt:.0f}s", flush=True)
     train_seconds = time.time() - tt
 
-    # --- evaluate, sample, save
+    # --- finish (neutral rows for never-seen tokens), evaluate, sample, save
+    n_reset = reset_unseen_tokens(model, tokenizer, corpus[:50_000])
     ppl = story_perplexity(model, tokenizer, heldout, device)
     model = model.float().cpu().eval()
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -301,7 +343,7 @@ def main() -> None:
         "tokens_seen": steps * batch * args.context, "corpus_documents": n_stories, "corpus_tokens": len(stream),
         "lr": args.lr, "seed": args.seed, "train_seconds": round(train_seconds, 1),
         "tokens_per_second": round(steps * batch * args.context / train_seconds),
-        "final_train_loss": history[-1][1], "heldout_stories": len(heldout), "heldout_perplexity": round(ppl, 4),
+        "final_train_loss": history[-1][1], "heldout_stories": len(heldout), "heldout_perplexity": round(ppl, 4), "unseen_tokens_reset": n_reset,
         "device": torch.cuda.get_device_name(0) if gpu else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
