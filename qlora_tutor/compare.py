@@ -7,11 +7,14 @@ spread, so each method runs with several seeds and the table says whether mean �
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import math
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -74,16 +77,46 @@ def _run_isolated(cfg: finetune.FinetuneConfig) -> dict[str, Any]:
         return json.loads(out.read_text())
 
 
-def model_fingerprint(model: str) -> str:
-    """A short hash of the model's config and weight files, so cached runs of a changed model are not reused."""
-    path = Path(finetune.resolve_model(model))
-    if not path.is_dir():
-        return model  # a hub id: its name is all we know offline
+def _fingerprint(paths: Sequence[Path]) -> str:
+    """A short hash of the files under `paths`, so cached runs of changed inputs are never reused."""
     h = hashlib.sha256()
-    for f in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
+    for root in paths:
+        for f in sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file()):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def frozen_inputs(model: str, data: str):
+    """Copy the model and data to a private folder for the whole comparison, so every run trains on the same
+    files even if someone rebuilds data/ meanwhile. Yields (model, data, fingerprint) to use for the runs."""
+    from . import data as data_module, paths
+    tmp = Path(tempfile.mkdtemp(prefix="qlora-tutor-compare-"))
+    old_env = os.environ.get("QLORA_TUTOR_DATA")
+    try:
+        sources, model_arg, data_arg = [], model, data
+        if model == "embedded" or data in data_module.EMBEDDED_DATASETS:
+            root = paths.data_dir()
+            for name in (["embedded-model"] if model == "embedded" else []) + (
+                    [data] if data in data_module.EMBEDDED_DATASETS else []):
+                shutil.copytree(root / name, tmp / name)
+                sources.append(tmp / name)
+            os.environ["QLORA_TUTOR_DATA"] = str(tmp)  # 'embedded', 'stories', 'qa' now resolve to the copies
+        if model != "embedded" and Path(model).exists():
+            model_arg = str(shutil.copytree(model, tmp / "model"))
+            sources.append(Path(model_arg))
+        if data not in data_module.EMBEDDED_DATASETS and Path(data).exists():
+            src = Path(data)
+            data_arg = str(shutil.copytree(src, tmp / "data") if src.is_dir() else shutil.copy(src, tmp / src.name))
+            sources.append(Path(data_arg))
+        yield model_arg, data_arg, _fingerprint(sources) if sources else f"{model}|{data}"
+    finally:
+        if old_env is None:
+            os.environ.pop("QLORA_TUTOR_DATA", None)
+        else:
+            os.environ["QLORA_TUTOR_DATA"] = old_env
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def summarize(rows: Sequence[dict[str, Any]], reference: str = REFERENCE) -> list[dict[str, Any]]:
@@ -168,27 +201,29 @@ def run_compare(output: str | Path, seeds: Sequence[int] = (0, 1, 2), methods: S
             r = json.loads(line)
             done[(r["method"], r["seed"])] = r
     rows = []
-    fingerprint = model_fingerprint(model)
     jobs = [(name, seed) for name in methods for seed in seeds]
-    for name, seed in tqdm(jobs, desc="compare", unit="run"):
-        cfg = method_config(name, seed, model=model, data=data, **overrides)
-        settings = {**asdict(cfg), "model_fingerprint": fingerprint}
-        if (name, seed) in done and done[(name, seed)]["config"] == settings:
-            rows.append(done[(name, seed)])
-            continue
-        t = time.time()
-        result = _run_isolated(cfg) if isolate else run_one(cfg)
-        row = {"method": name, "seed": seed, **result, "wall_seconds": time.time() - t, "config": settings}
-        rows.append(row)
-        with done_file.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        log(f"{name} seed {seed}: loss {row['loss']:.4f} score {row['score']} ({row['wall_seconds']:.0f} s)")
+    with frozen_inputs(model, data) as (model_arg, data_arg, fingerprint):
+        for name, seed in tqdm(jobs, desc="compare", unit="run"):
+            cfg = method_config(name, seed, model=model_arg, data=data_arg, **overrides)
+            settings = {**asdict(cfg), "model": model, "data": data, "inputs_fingerprint": fingerprint}
+            if (name, seed) in done and done[(name, seed)]["config"] == settings:
+                rows.append(done[(name, seed)])
+                continue
+            t = time.time()
+            result = _run_isolated(cfg) if isolate else run_one(cfg)
+            row = {"method": name, "seed": seed, **result, "wall_seconds": time.time() - t, "config": settings}
+            rows.append(row)
+            with done_file.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            log(f"{name} seed {seed}: loss {row['loss']:.4f} score {row['score']} ({row['wall_seconds']:.0f} s)")
     summary = summarize(rows)
     flat = [{k: v for k, v in r.items() if k != "config"} for r in rows]
     finetune.atomic_write_text(out / "runs.csv", _csv(flat))
     finetune.atomic_write_text(out / "compare.csv", _csv(summary))
     base = method_config(REFERENCE, 0, model=model, data=data, **overrides)
     note = (f"Machine: {hardware.detect()}. Versions: {hardware.versions()}.\n"
+            f"Inputs: model {model}, data {data}, copied once for all runs; fingerprint {fingerprint} "
+            "(sha256 of their files, first 16 hex digits).\n"
             f"Same data ({data}) and budget for every method: {base.max_steps} steps × batch {base.batch_size}, "
             f"max_length {base.max_length}, lr {base.learning_rate} (full fine-tuning: "
             f"{METHODS['full_fp32']['learning_rate']}), LoRA r {base.r}, alpha {base.lora_alpha}, dropout "
@@ -196,7 +231,9 @@ def run_compare(output: str | Path, seeds: Sequence[int] = (0, 1, 2), methods: S
             f"{base.generate_examples} held-out prompts (greedy, {base.max_new_tokens} new tokens).\n"
             "Weight MB: the model's weights as stored in memory (4-bit codes + constants; other weights fp32 on "
             "CPU). Peak memory: resident memory above the process's start (CPU) or CUDA's allocator peak.\n"
-            "'beyond spread' = |Δ mean| > std_method + std_reference (the mean ± std intervals do not overlap).\n")
+            "'beyond spread' = |Δ mean| > std_method + std_reference (the mean ± std intervals do not overlap).\n"
+            "Train seconds and peak memory depend on what else runs on the machine: on a shared CPU they vary more "
+            "between runs than between methods.\n")
     finetune.atomic_write_text(out / "compare.md", "# Method comparison\n\n" + markdown_table(summary) + "\n" + note)
     plots.comparison(summary, out / "compare.png")
     log(markdown_table(summary))

@@ -49,14 +49,15 @@ def comparison(rows: Sequence[dict], path: str | Path | None = None) -> Any:
     names = [r["method"] for r in rows]
     for ax, key, label in ((axes[0], "loss", "held-out loss (lower is better)"),
                            (axes[1], "score", "instruction score (higher is better)")):
-        means = [r.get(f"{key}_mean") or 0.0 for r in rows]
+        means = [r.get(f"{key}_mean") for r in rows]
         stds = [r.get(f"{key}_std") or 0.0 for r in rows]
-        ax.barh(range(len(rows)), means, xerr=stds, color="tab:blue", alpha=0.7, capsize=3)
+        ys = [i for i, m in enumerate(means) if m is not None]
+        ax.errorbar([means[i] for i in ys], ys, xerr=[stds[i] for i in ys], fmt="o", capsize=4, color="tab:blue")
         ax.set_yticks(range(len(rows)), names if ax is axes[0] else [""] * len(rows))
-        ax.invert_yaxis()
+        ax.set_ylim(len(rows) - 0.5, -0.5)
         ax.set_xlabel(label)
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle("Same data and budget; bars: mean over seeds, whiskers: ± std")
+    fig.suptitle("Same data and budget; dots: mean over seeds, whiskers: ± std (note the zoomed axes)")
     if path is None:
         return fig
     out = _save(fig, path)
