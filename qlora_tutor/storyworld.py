@@ -27,10 +27,12 @@ PLACES = {  # place noun -> the phrase used in stories and instructions
     "farm": "on the farm", "cave": "in the cave", "market": "at the market", "park": "in the park",
     "lake": "by the lake", "barn": "in the barn", "island": "on the island",
 }
-# event -> (verb in instructions, word that marks the event in a story; no other event's story uses it)
+# event -> (verb in instructions, word that marks the event in a story; no other event's story uses it).
+# Instructions use the past tense because those are words the model has read; present forms ('loses') never
+# occur in the corpus, so to the model they are just unknown tokens.
 EVENTS = {
-    "lose": ("loses", "lost"), "find": ("finds", "found"), "break": ("breaks", "broke"),
-    "give": ("gives away", "gave"), "make": ("makes", "made"), "want": ("wants", "wanted"),
+    "lose": ("lost", "lost"), "find": ("found", "found"), "break": ("broke", "broke"),
+    "give": ("gave away", "gave"), "make": ("made", "made"), "want": ("wanted", "wanted"),
 }
 CHAR_ADJ = ("little", "brave", "shy", "clever", "curious", "kind", "happy", "sleepy", "clumsy", "cheerful")
 END = "The end."

@@ -94,20 +94,26 @@ def story_perplexity(model, tokenizer, texts: list[str], device: str, batch: int
 
 
 @torch.no_grad()
-def reset_unseen_tokens(model, tokenizer, texts: list[str]) -> int:
-    """Give every token that never occurs in the corpus the mean embedding of the tokens that do.
+def reset_unseen_tokens(model, tokenizer, texts: list[str], seed: int = 0) -> int:
+    """Give every token that never occurs in the corpus a fresh embedding drawn like a seen one.
 
     Byte-level BPE keeps all 256 bytes, and the corpus uses few of them. With tied embeddings, training
     pushes those rows to large 'never predict me' vectors (norm ~2 vs ~1.1 seen), and a prompt made of such
-    tokens ('###', 'Write', ...) then derails the model. The mean row is neutral, as when transformers resizes
-    embeddings for new tokens. Returns how many rows were reset.
+    tokens ('###', 'Write', ...) then derails the model. New rows are sampled from a normal with the mean and
+    covariance of the seen rows (as transformers' mean-resizing does, but at full spread so that unknown words
+    stay distinguishable from each other). Returns how many rows were reset.
     """
     seen = torch.zeros(len(tokenizer), dtype=torch.bool)
     for enc in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=True):
         seen[enc.ids] = True
     seen[[tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]] = True
     emb = model.get_input_embeddings().weight
-    emb[~seen.to(emb.device)] = emb[seen.to(emb.device)].mean(0)
+    rows = emb[seen.to(emb.device)].double().cpu()
+    mean = rows.mean(0)
+    cov = (rows - mean).T @ (rows - mean) / len(rows)
+    chol = torch.linalg.cholesky(cov + 1e-8 * torch.eye(len(mean), dtype=torch.double))
+    z = torch.randn(int((~seen).sum()), len(mean), generator=torch.Generator().manual_seed(seed), dtype=torch.double)
+    emb[~seen.to(emb.device)] = (mean + z @ chol.T).to(emb.dtype).to(emb.device)
     return int((~seen).sum())
 
 
@@ -181,6 +187,14 @@ def score_base(model_dir: Path, report_dir: Path, limit: int | None = None) -> d
         result[skill] = {"test_prompts": len(rows), "mean_score": round(mean, 4),
                          "examples": [{"instruction": r["instruction"], "answer": a} for r, a in zip(rows[:3], answers)]}
         print(f"base model, {skill}/test: mean score {mean:.3f} over {len(rows)} prompts", flush=True)
+    torch.manual_seed(0)
+    samples = []
+    for prefix in ["", "Once upon a time, there was a brave fox named", "Pip was a shy hedgehog."]:
+        ids = tok(prefix, return_tensors="pt")["input_ids"]
+        out = model.generate(ids, do_sample=True, temperature=0.8, top_p=0.95, max_new_tokens=160,
+                             pad_token_id=tok.pad_token_id)
+        samples.append(tok.decode(out[0], skip_special_tokens=True))
+    result["samples_temperature_0.8"] = samples
     (report_dir / "base_scores.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -198,7 +212,7 @@ def finish_in_place(args) -> None:
     save_atomically(model, tokenizer, args.out)
     report = {"unseen_tokens_reset": n_reset, "heldout_perplexity_before_reset": round(before, 4),
               "heldout_perplexity": round(after, 4), "command": "python scripts/pretrain.py " + " ".join(sys.argv[1:])}
-    (args.report_dir or args.out.parent).joinpath("reset_unseen.json").write_text(json.dumps(report, indent=1))
+    (args.report_dir or args.out.parent).joinpath("pretrain_reset_unseen.json").write_text(json.dumps(report, indent=1))
     print(report)
 
 

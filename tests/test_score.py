@@ -8,7 +8,7 @@ import pytest
 
 from qlora_tutor import score, storyworld as sw
 
-INSTRUCTION = "Write a short story about a fox named Pip who loses a red kite in the forest."
+INSTRUCTION = "Write a short story about a fox named Pip who lost a red kite in the forest."
 GOOD = ("Once upon a time, there was a shy fox named Pip. Pip lived in the forest. Pip had a red kite and loved it "
         "very much. One windy morning, Pip was playing with the kite. Then the wind blew hard, and the kite flew "
         "away. Pip had lost the red kite. Pip looked under the leaves. At last, Pip saw the kite under a bush. "
