@@ -95,19 +95,23 @@ def story_perplexity(model, tokenizer, texts: list[str], device: str, batch: int
 
 @torch.no_grad()
 def reset_unseen_tokens(model, tokenizer, texts: list[str], seed: int = 0) -> int:
-    """Give every token that never occurs in the corpus a fresh embedding drawn like a seen one.
+    """Give every token that never occurs in the corpus a fresh *input* embedding drawn like a seen one.
 
     Byte-level BPE keeps all 256 bytes, and the corpus uses few of them. With tied embeddings, training
     pushes those rows to large 'never predict me' vectors (norm ~2 vs ~1.1 seen), and a prompt made of such
-    tokens ('###', 'Write', ...) then derails the model. New rows are sampled from a normal with the mean and
-    covariance of the seen rows (as transformers' mean-resizing does, but at full spread so that unknown words
-    stay distinguishable from each other). Returns how many rows were reset.
+    tokens ('###', 'Write', ...) then derails the model. So the embeddings are untied: the output layer keeps
+    the trained rows (those tokens are still never predicted), and the input rows are sampled from a normal
+    with the mean and covariance of the seen rows, so unknown words look ordinary and stay distinguishable.
+    Returns how many rows were redrawn.
     """
     seen = torch.zeros(len(tokenizer), dtype=torch.bool)
     for enc in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=True):
         seen[enc.ids] = True
     seen[[tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]] = True
     emb = model.get_input_embeddings().weight
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = torch.nn.Parameter(emb.detach().clone())
+        model.config.tie_word_embeddings = False
     rows = emb[seen.to(emb.device)].double().cpu()
     mean = rows.mean(0)
     cov = (rows - mean).T @ (rows - mean) / len(rows)
@@ -136,6 +140,8 @@ def save_atomically(model, tokenizer, out: Path) -> None:
     tc["tokenizer_class"] = "PreTrainedTokenizerFast"
     tc_path.write_text(json.dumps(tc, indent=2) + "\n")
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the model folder is meant to be shared
+    for f in tmp.iterdir():
+        os.chmod(f, 0o644)
     old = out.parent / f".{out.name}.old"
     if old.exists():
         shutil.rmtree(old)
