@@ -61,9 +61,10 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
         "compute dtype: weights are dequantized to it for each matmul. auto = bf16 on GPUs that have it, fp16 on "
         "T4/V100 (adapters kept in fp32 so mixed precision works), fp32 on CPU. (default: %(default)s)"))
     g = p.add_argument_group("LoRA adapters")
-    g.add_argument("--r", type=int, default=d["r"], help=(
+    g.add_argument("--r", "--lora-r", dest="r", type=int, default=d["r"], help=(
         "rank of each adapter: the update B·A has rank r. 8-64 is usual; the paper found r matters little when "
-        "all linear layers are adapted. (default: %(default)s)"))
+        "all linear layers are adapted. Under torchrun write --lora-r (torchrun takes --r for one of its own "
+        "options). (default: %(default)s)"))
     g.add_argument("--lora-alpha", type=float, default=d["lora_alpha"], help=(
         "the adapter's output is multiplied by alpha/r. Raising alpha acts like raising the learning rate of the "
         "adapters; keep alpha fixed and tune --lr (common: alpha = r or 2r; the paper used r=64, alpha=16). "

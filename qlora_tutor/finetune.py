@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import data, generation, hardware
+from . import data, distributed, generation, hardware
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # optional CPU kernel notice
 # transformers 5 renamed gradient -> activation checkpointing; PEFT still calls the old names. Noise for a learner.
@@ -173,7 +173,8 @@ def load_splits(cfg: FinetuneConfig) -> tuple[list[dict], list[dict]]:
 
 
 # ----------------------------------------------------------------------------------------------------- loading
-def bnb_config(quant_type: str = "nf4", double_quant: bool = True, compute_dtype: torch.dtype = torch.float32):
+def bnb_config(quant_type: str = "nf4", double_quant: bool = True, compute_dtype: torch.dtype = torch.float32,
+               quant_storage: torch.dtype = torch.uint8):
     """The 4-bit recipe of the paper. bitsandbytes' own defaults (fp4, no double quantization) are overridden."""
     from transformers import BitsAndBytesConfig
     return BitsAndBytesConfig(
@@ -181,6 +182,7 @@ def bnb_config(quant_type: str = "nf4", double_quant: bool = True, compute_dtype
         bnb_4bit_quant_type=quant_type,            # nf4: 16 levels at normal quantiles (fp4: a float grid)
         bnb_4bit_use_double_quant=double_quant,    # the per-block absmax constants quantized to 8 bits too
         bnb_4bit_compute_dtype=compute_dtype,      # weights are dequantized to this dtype for every matmul
+        bnb_4bit_quant_storage=quant_storage,      # container of the packed codes: uint8, or bf16 so FSDP can shard
     )
 
 
@@ -193,10 +195,12 @@ def load_base(model_path: str, method: str, compute_dtype: torch.dtype, quant_ty
               double_quant: bool = True) -> Any:
     """The base model: 4-bit for qlora (other weights fp32), compute dtype for lora, fp32 for full (AMP on GPU)."""
     from transformers import AutoModelForCausalLM
-    device_map = "cpu" if not torch.cuda.is_available() else {"": 0}
-    kwargs: dict[str, Any] = {"device_map": device_map}
+    # one process per GPU under torchrun/accelerate: process k loads its copy onto GPU k (the CPU without CUDA)
+    kwargs: dict[str, Any] = {"device_map": distributed.device_map()}
     if method == "qlora":
-        kwargs.update(quantization_config=bnb_config(quant_type, double_quant, compute_dtype), dtype=torch.float32)
+        storage = distributed.quant_storage(compute_dtype)  # bf16 under FSDP (it shards floats only), else uint8
+        kwargs.update(quantization_config=bnb_config(quant_type, double_quant, compute_dtype, storage),
+                      dtype=storage if storage.is_floating_point else torch.float32)
     else:
         kwargs["dtype"] = compute_dtype if method == "lora" else torch.float32
     with warnings.catch_warnings():
@@ -250,7 +254,14 @@ def prepare_for_training(model: Any, cfg: FinetuneConfig) -> Any:
     gc_kwargs = {"use_reentrant": False}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
-        if cfg.method == "qlora":
+        if cfg.method == "qlora" and distributed.fsdp_enabled():
+            # FSDP flattens a layer's weights into one tensor of one dtype: keep the norms in the storage dtype
+            # (no fp32 cast), freeze the base and checkpoint as prepare_model_for_kbit_training would
+            model.requires_grad_(False)
+            if cfg.gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+                model.enable_input_require_grads()
+        elif cfg.method == "qlora":
             # freezes the base, casts non-4-bit weights (norms, embeddings) to fp32, turns on checkpointing
             model = prepare_model_for_kbit_training(model, cfg.gradient_checkpointing, gc_kwargs)
         elif cfg.gradient_checkpointing:
@@ -553,13 +564,18 @@ def run(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = False, save
     `save=False` trains in a temporary folder and keeps nothing (used by `compare`).
     """
     t_start = time.time()
+    rank = distributed.rank_info()  # under torchrun/accelerate: only rank 0 writes files, logs and evaluates
+    if not rank.is_main:
+        log, progress, eval_before = (lambda *a, **k: None), "none", False
+    if rank.distributed:
+        callbacks = [*(callbacks or []), distributed.fingerprint_callback()]  # every rank prints its adapter's hash
     model_path, compute = check_config(cfg)
     train_examples, test_examples = load_splits(cfg)
     scorer = generation.scorer_for(cfg.data)
     out = Path(cfg.output)
-    resume_from = prepare_output(cfg, overwrite, resume) if save else None
+    resume_from = prepare_output(cfg, overwrite, resume) if save and (rank.is_main or resume) else None
     workdir = out if save else Path(tempfile.mkdtemp(prefix="qlora-tutor-run-"))
-    if save:
+    if save and rank.is_main:
         atomic_write_text(out / "run_config.json", json.dumps(asdict(cfg), indent=2))
     hardware.set_seed(cfg.seed)
     tokenizer = load_tokenizer(model_path)
@@ -599,6 +615,11 @@ def run(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = False, save
         history = train(model, tokenizer, train_examples, cfg, compute, str(workdir / "checkpoints"),
                         str(resume_from) if resume_from else None, progress, callbacks, log)
         train_seconds = time.time() - t_train
+        if not rank.is_main:  # the replicas are identical (see the fingerprints): rank 0 evaluates and saves
+            if not save:
+                shutil.rmtree(workdir, ignore_errors=True)
+            return {"rank": rank.rank, "world_size": rank.world_size, "train_seconds": train_seconds,
+                    "loss_history": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]}
         t = time.time()
         after = generation.evaluate(model, tokenizer, held_out, scorer, **eval_kw)
         after["seconds"] = time.time() - t
