@@ -51,7 +51,7 @@ class FinetuneConfig:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     target_modules: str = "all-linear"  # or a comma list such as 'q_proj,v_proj'
-    max_steps: int = 80
+    max_steps: int = 250
     learning_rate: float = 2e-3
     batch_size: int = 8
     grad_accum: int = 1
