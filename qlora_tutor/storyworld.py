@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 SPECIES = ("fox", "rabbit", "owl", "bear", "mouse", "frog", "cat", "dog", "duck", "goat", "hedgehog",
            "squirrel", "badger", "otter", "deer", "wolf", "pig", "hen", "turtle", "lamb")
@@ -55,8 +55,8 @@ class Elements:
     friend_species: str | None = None
 
     @property
-    def combo(self) -> tuple[str, str, str, str, str, str]:
-        return (self.name, self.species, self.colour, self.object, self.place, self.event)
+    def combo(self) -> tuple[str, str, str, str, str]:
+        return (self.name, self.species, self.object, self.place, self.event)
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,7 @@ def generate_document(rng: random.Random) -> str:
                    nxt.friend if nxt.friend != first.name else None,
                    nxt.friend_species if nxt.friend != first.name else None)
     if nxt.event == "give" and nxt.friend is None:
-        nxt = Elements(*nxt.combo, friend=next(n for n in NAMES if n != first.name), friend_species=first.species)
+        nxt = replace(nxt, friend=next(n for n in NAMES if n != first.name), friend_species=first.species)
     return write_story(first, rng) + "\n\n" + write_story(nxt, rng)
 
 
@@ -204,19 +204,21 @@ def generate_corpus(n: int, seed: int) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------- instructions
+# The colour is left to the writer: measured, a LoRA on this model does not learn to copy a requested colour in
+# a CPU budget (it always wrote "red"), while name, species, object, place and event are learned (data/README.md).
 _INSTRUCTION_TEMPLATES = (
-    "Write a short story about {a} {species} named {name} who {verb} {ca} {colour} {object} {where}.",
-    "Tell me a story about {name} the {species}, who {verb} {ca} {colour} {object} {where}.",
-    "Write a story in which {a} {species} called {name} {verb} {ca} {colour} {object} {where}.",
-    "Can you write a short story about {name}, {a} {species} who {verb} {ca} {colour} {object} {where}?",
+    "Write a short story about {a} {species} named {name} who {verb} {oa} {object} {where}.",
+    "Tell me a story about {name} the {species}, who {verb} {oa} {object} {where}.",
+    "Write a story in which {a} {species} called {name} {verb} {oa} {object} {where}.",
+    "Can you write a short story about {name}, {a} {species} who {verb} {oa} {object} {where}?",
 )
 
 
 def story_instruction(e: Elements, rng: random.Random) -> str:
-    """A request for a story with exactly these main elements (the friend is left to the writer)."""
+    """A request for a story with these main elements (the colour and the friend are left to the writer)."""
     return rng.choice(_INSTRUCTION_TEMPLATES).format(
-        a=article(e.species), species=e.species, name=e.name, verb=EVENTS[e.event][0], ca=article(e.colour),
-        colour=e.colour, object=e.object, where=PLACES[e.place])
+        a=article(e.species), species=e.species, name=e.name, verb=EVENTS[e.event][0], oa=article(e.object),
+        object=e.object, where=PLACES[e.place])
 
 
 def _words(text: str) -> list[str]:
