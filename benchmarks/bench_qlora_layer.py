@@ -22,6 +22,7 @@ import torch
 
 from qlora_tutor.check import cmp
 from qlora_tutor.hardware import versions
+from qlora_tutor.paths import atomic_write_text
 
 
 def build(n_in: int, n_out: int, r: int, dtype: torch.dtype, device: str):
@@ -124,11 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(["# One QLoRA layer: ours vs bitsandbytes + PEFT", "",
                       *[f"- {h}" for h in head.splitlines()], "", *lines, "", f"- {note}"]) + "\n"
     print(text)
-    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"qlora_layer_{'gpu' if cuda else 'cpu'}.md")
-    with open(path + ".tmp", "w") as fh:
-        fh.write(text)
-    os.replace(path + ".tmp", path)
+    atomic_write_text(path, text)
     return 0
 
 

@@ -23,6 +23,7 @@ import torch
 
 from qlora_tutor import memory as M
 from qlora_tutor.hardware import versions
+from qlora_tutor.paths import atomic_write_text
 
 SMALL = M.ModelShape("small-llama", 384, 1024, 4, 6, 6, 4000)
 
@@ -136,11 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(["# Training speed: full vs LoRA vs QLoRA", "", *[f"- {h}" for h in head.splitlines()], "",
                       *lines, "", *[f"- {n}" for n in notes]]) + "\n"
     print("\n".join(lines + notes))
-    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"train_speed_{'gpu' if args.device == 'cuda' else 'cpu'}.md")
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    atomic_write_text(path, text)
     return 0
 
 

@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from qlora_tutor.paths import atomic_write_text
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -134,12 +136,9 @@ def main(argv: list[str] | None = None) -> int:
 def write(out: str, lines: list[str]) -> None:
     if not out:
         return
-    os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "paged_gpu.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("# Paged optimizer demo (benchmarks/paged_optimizer_demo.py)\n\n")
-        f.write("\n".join(f"- {ln}" for ln in lines) + "\n\n" + __doc__.split("\n\n", 1)[1])
-    os.replace(path + ".tmp", path)
+    atomic_write_text(path, "# Paged optimizer demo (benchmarks/paged_optimizer_demo.py)\n\n"
+                      + "\n".join(f"- {ln}" for ln in lines) + "\n\n" + __doc__.split("\n\n", 1)[1])
 
 
 def to_host(tensors: list[torch.Tensor]) -> str:

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from . import memory
+from .paths import atomic_write_text
 
 STRATEGIES = ("single", "ddp", "fsdp")
 GIB = 2**30  # cards are sold in GiB: a "24 GB" RTX 3090/4090 holds 24 GiB = 25.8e9 bytes
@@ -501,6 +502,4 @@ if __name__ == "__main__":  # python -m torch.distributed.run --nproc_per_node 2
     results = fsdp_qlora_check(a.storage.split(","))
     if a.json:
         path = f"{a.json}.rank{rank_info().rank}.json"
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(results, f)
-        os.replace(path + ".tmp", path)
+        atomic_write_text(path, json.dumps(results))

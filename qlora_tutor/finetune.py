@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from . import data, distributed, generation, hardware
+from .paths import atomic_write_text, current_umask
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # optional CPU kernel notice
 # transformers 5 renamed gradient -> activation checkpointing; PEFT still calls the old names. Noise for a learner.
@@ -395,22 +396,6 @@ def _rss() -> int:
 
 
 # ------------------------------------------------------------------------------------------ the output folder
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that readers see either the old or the new content, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def atomic_save_dir(dest: Path, write: Callable[[Path], None]) -> Path:
     """Let `write(tmp)` fill a temporary folder next to `dest`, then rename it to `dest` (replacing an old one).
 
@@ -421,9 +406,9 @@ def atomic_save_dir(dest: Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
     try:
         write(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes private folders; give the usual permissions
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes private folders; give the usual permissions
         for f in tmp.rglob("*"):
-            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~_umask())
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~current_umask())
         old = None
         if dest.exists():
             old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))
