@@ -1,0 +1,186 @@
+"""The native (C) dequantize against the PyTorch one and bitsandbytes: same bits, every type, shape and dtype.
+
+Also: clear errors for bad calls (the C code reads raw pointers), the fallback when there is no compiler, the
+off switch, the build cache, and the huge-page advice skipping memory that is already mapped.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from qlora_tutor import native
+from qlora_tutor.quant import BLOCKSIZES, QuantizedTensor, codebook, dynamic_map, quantize
+
+if not native.available():
+    if sys.platform.startswith("linux"):  # CI and this project's machines have a C compiler: a failure is a bug
+        pytest.fail(f"the native dequantize did not build: {native.status()}", pytrace=False)
+    pytest.skip(f"native dequantize unavailable: {native.status()}", allow_module_level=True)
+
+OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
+
+
+def native_dequantize(q: QuantizedTensor, dtype: torch.dtype, use_avx512: bool = True,
+                      threads: int | None = None, stream: bool | None = None) -> torch.Tensor:
+    out = torch.empty(q.numel, dtype=dtype)
+    kw = dict(use_avx512=use_avx512, threads=threads, stream=stream)
+    if q.double_quant:
+        native.dequantize_4bit(q.packed, codebook(q.quant_type), out, q.blocksize, qabsmax=q.absmax,
+                               dynamic_map=dynamic_map(), nested=q.nested_absmax,
+                               nested_blocksize=q.nested_blocksize, offset=float(q.offset), **kw)
+    else:
+        native.dequantize_4bit(q.packed, codebook(q.quant_type), out, q.blocksize, absmax=q.absmax, **kw)
+    return out.view(q.shape)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("in_dtype", OUT_DTYPES)
+def test_native_equals_torch_every_shape_and_dtype(quant_type, double_quant, in_dtype):
+    g = torch.Generator().manual_seed(hash((quant_type, double_quant, str(in_dtype))) % 2**31)
+    # odd sizes (a lone last nibble), partial last blocks, single values, sizes that are whole blocks
+    for shape in [(1,), (3, 7), (37, 53), (129, 64), (2, 4096), (5, 1000, 3)]:
+        w = (torch.randn(shape, generator=g) * torch.rand(1, generator=g) * 10).to(in_dtype)
+        for blocksize in (32, 64, 256, 4096):
+            q = quantize(w, quant_type, blocksize, double_quant)
+            for out_dtype in OUT_DTYPES:
+                ref = q.dequantize(out_dtype, backend="torch")
+                assert same_bits(q.dequantize(out_dtype, backend="native"), ref), (shape, blocksize, out_dtype)
+                assert same_bits(native_dequantize(q, out_dtype, use_avx512=False), ref), "plain C loop"
+
+
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+def test_native_equals_bitsandbytes_all_block_sizes(blocksize):
+    F = pytest.importorskip("bitsandbytes.functional")
+    g = torch.Generator().manual_seed(blocksize)
+    for dtype, quant_type, double_quant in [(torch.float32, "nf4", False), (torch.bfloat16, "fp4", True),
+                                            (torch.float16, "nf4", True), (torch.bfloat16, "nf4", False)]:
+        # last dim a multiple of every block size: bitsandbytes' C++ kernel gets other shapes wrong (see test_qlora)
+        w = (torch.randn(24, 4096, generator=g) * 0.05).to(dtype)
+        packed, state = F.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
+                                        compress_statistics=double_quant)
+        q = QuantizedTensor.from_bitsandbytes(packed, state)
+        assert same_bits(q.dequantize(backend="native"), F.dequantize_4bit(packed, state))
+
+
+def test_threads_and_store_kinds_give_the_same_bits():
+    w = torch.randn(1024, 1536) * 0.02  # 1.5 M values: enough for several workers
+    for double_quant in (False, True):
+        q = quantize(w, "nf4", 64, double_quant)
+        ref = q.dequantize(torch.bfloat16, backend="torch")
+        for threads in (1, 2, 3, 5):
+            for stream in (False, True):  # ordinary and non-temporal stores
+                assert same_bits(native_dequantize(q, torch.bfloat16, threads=threads, stream=stream), ref)
+    q = quantize(torch.randn(777, 1001), "fp4", 32, True)  # a partial last block, odd size
+    for dtype in OUT_DTYPES:
+        for stream in (False, True):
+            ref = q.dequantize(dtype, backend="torch")
+            assert same_bits(native_dequantize(q, dtype, threads=3, stream=stream), ref)
+
+
+def test_fp16_rounding_edges_subnormals_overflow_and_ties():
+    # scales chosen so that products land on fp16 subnormals, near the overflow threshold, and on rounding ties
+    code = codebook("nf4")
+    scales = torch.tensor([1e-7, 3e-6, 6.1e-5, 65504.0, 65519.0, 65520.0, 7e4, 1.0, 2.0**-24, 2.0**-25])
+    scales = torch.cat([scales, torch.rand(54) * 1e-4])  # many values around the subnormal/normal boundary
+    q = quantize(torch.randn(scales.numel(), 64), "nf4", 64)
+    q = replace(q, absmax=scales.float())
+    ref = q.dequantize(torch.float16, backend="torch")
+    assert torch.isinf(ref).any() and (ref.abs() < 6.1e-5).logical_and(ref != 0).any()  # the edges are exercised
+    assert same_bits(q.dequantize(torch.float16, backend="native"), ref)
+    assert same_bits(native_dequantize(q, torch.float16, use_avx512=False), ref)
+    assert code.dtype == torch.float32
+
+
+def test_non_finite_constants_stay_non_finite():
+    # quantize() refuses NaN/Inf, but a corrupted or hand-made state can hold them: finite values keep their bits
+    # and NaN stays NaN (PyTorch's own fp32 -> bf16 casts disagree on the NaN bit pattern, so that is not compared)
+    q = quantize(torch.randn(8, 64), "nf4", 64)
+    absmax = q.absmax.clone()
+    absmax[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-40])
+    q = replace(q, absmax=absmax)
+    for dtype in OUT_DTYPES:
+        ref, ours = q.dequantize(dtype, backend="torch"), q.dequantize(dtype, backend="native")
+        assert torch.equal(torch.isnan(ours), torch.isnan(ref))
+        finite = ~torch.isnan(ref)
+        assert torch.equal(ours[finite].view(BITS[dtype]), ref[finite].view(BITS[dtype]))
+
+
+def test_backend_choice_and_errors():
+    q = quantize(torch.randn(16, 64), "nf4", 64)
+    with pytest.raises(ValueError, match="unknown backend"):
+        q.dequantize(backend="fast")
+    with pytest.raises(ValueError, match="backend='torch'"):
+        q.dequantize(torch.float64, backend="native")
+    assert q.dequantize(torch.float64).dtype == torch.float64  # auto falls back to the PyTorch code
+    out = torch.empty(q.numel)
+    with pytest.raises(ValueError, match="absmax must be a contiguous CPU torch.float32 tensor of 16 values"):
+        native.dequantize_4bit(q.packed, codebook("nf4"), out, 64, absmax=q.absmax[:-1])
+    with pytest.raises(ValueError, match="packed must be"):
+        native.dequantize_4bit(q.packed[:-1], codebook("nf4"), out, 64, absmax=q.absmax)
+    with pytest.raises(ValueError, match="packed must be"):
+        native.dequantize_4bit(q.packed.int(), codebook("nf4"), out, 64, absmax=q.absmax)
+    with pytest.raises(ValueError, match="even block size"):
+        native.dequantize_4bit(q.packed, codebook("nf4"), out, 0, absmax=q.absmax)
+    with pytest.raises(ValueError, match="writes float32, bfloat16 or float16"):
+        native.dequantize_4bit(q.packed, codebook("nf4"), out.double(), 64, absmax=q.absmax)
+    with pytest.raises(ValueError, match="pass absmax, or qabsmax"):
+        native.dequantize_4bit(q.packed, codebook("nf4"), out, 64)
+    with pytest.raises(ValueError, match="contiguous"):
+        native.dequantize_4bit(q.packed, codebook("nf4"), torch.empty(2 * q.numel)[::2], 64, absmax=q.absmax)
+
+
+def _run(code: str, **env: str) -> str:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+CHECK = ("import torch; from qlora_tutor import native; from qlora_tutor.quant import quantize; "
+         "q = quantize(torch.randn(64, 64), 'nf4', 64); "
+         "assert torch.equal(q.dequantize(), q.dequantize(backend='torch')); "
+         "print(native.available(), '|', native.status())")
+
+
+def test_off_switch_and_no_compiler_fall_back_to_torch(tmp_path):
+    assert _run(CHECK, QLORA_TUTOR_NATIVE="0").startswith("False | turned off by QLORA_TUTOR_NATIVE=0")
+    # a "compiler" that fails: the reason is reported and dequantize still works (PyTorch path)
+    broken = tmp_path / "broken-cc"
+    broken.write_text("#!/bin/sh\necho 'error: this compiler is broken' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    out = _run(CHECK, CC=str(broken), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    assert out.startswith("False | native build failed") and "this compiler is broken" in out
+
+
+def test_build_is_cached_and_rebuilt_when_missing(tmp_path):
+    env = dict(XDG_CACHE_HOME=str(tmp_path))
+    assert _run(CHECK, **env).startswith("True")
+    built = list((tmp_path / "qlora_tutor").glob("dequant4-*"))
+    assert len(built) == 1 and oct(built[0].parent.stat().st_mode & 0o777) == "0o700"
+    mtime = built[0].stat().st_mtime_ns
+    assert _run(CHECK, **env).startswith("True")
+    assert built[0].stat().st_mtime_ns == mtime  # loaded from the cache, not compiled again
+    assert not [p for p in (tmp_path / "qlora_tutor").iterdir() if p not in built]  # no temporary files left
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="transparent huge pages are a Linux feature")
+def test_huge_page_advice_skips_memory_already_mapped():
+    lib = native._load()["lib"]
+    touched = torch.ones(8 << 20)  # 32 MiB, every page written: nothing to gain, must be left alone
+    assert lib.qt_is_resident(touched.data_ptr(), touched.numel() * 4) == 1
+    assert lib.qt_advise_huge_pages(touched.data_ptr(), touched.numel() * 4) == 1
+    small = torch.empty(1000)
+    assert lib.qt_advise_huge_pages(small.data_ptr(), 4000) == -1  # smaller than one 2 MiB page
+    fresh = native.empty(1 << 24, torch.float32)  # advised or not, it is an ordinary tensor
+    assert fresh.shape == (1 << 24,) and fresh.dtype == torch.float32
