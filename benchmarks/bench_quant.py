@@ -1,7 +1,7 @@
 """Throughput of qlora_tutor.quant against bitsandbytes on one 4096x4096 tensor (quantize and dequantize).
 
 Usage: python benchmarks/bench_quant.py [--device cpu|cuda] [--repeats 15] [--size 4096] [--threads N]
-       [--warm-memory]
+       [--warm-memory] [--alloc N]
 Prints M params/s (median of `repeats` wall-clock runs after a warm-up, ours and bitsandbytes alternating run by
 run) and the ratio ours / bitsandbytes measured in the same run. On the CPU it also prints the ratio of process
 CPU time (all threads), which a busy machine disturbs less than wall-clock time; it also counts OpenMP threads
@@ -11,7 +11,8 @@ Dequantize is timed twice: `q.dequantize()` as a caller gets it (on the CPU the 
 qlora_tutor/dequant4.c when it built, see the status line) and `q.dequantize(backend="torch")`, the PyTorch code
 the notebooks explain. Both return a fresh tensor, as bitsandbytes does; on Linux a fresh 32-64 MiB tensor usually
 comes straight from the OS, and mapping its pages is most of the time. --warm-memory tells glibc to keep and reuse
-freed memory instead (mallopt), so that what is left is the kernels' own time.
+freed memory instead (mallopt), so that what is left is the kernels' own time. --alloc N first times N fresh
+64 MiB outputs with 4 KiB pages and with the 2 MiB-page advice the native path gives them (median, p90, max).
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
     parser.add_argument("--threads", type=int, default=None, help="torch (and OpenMP) threads; default: torch's")
     parser.add_argument("--warm-memory", action="store_true", help="reuse freed memory (time the kernels alone)")
+    parser.add_argument("--alloc", type=int, default=0, metavar="N",
+                        help="also time N fresh 64 MiB outputs (empty + fill), with and without the huge-page advice")
     args = parser.parse_args()
     memory = _keep_freed_memory() if args.warm_memory else "default allocator (fresh outputs come from the OS)"
     if args.threads:
@@ -95,6 +98,9 @@ def main() -> None:
     print(f"tensor {args.size}x{args.size} = {n / 1e6:.1f} M params, {args.quant_type}, blocksize 64, "
           f"median of {args.repeats} alternating runs after 1 warm-up; "
           f"load average (1 min) before the run: {load:.2f}\n")
+    if args.alloc and args.device == "cpu":  # first, while this process has touched little memory
+        _allocation_report(n, args.alloc)
+        print()
     print("| dtype | double quant | step | ours (M params/s) | bitsandbytes (M params/s) | ours / bnb (wall) "
           "| ours / bnb (CPU time) |")
     print("|---|---|---|---|---|---|---|")
@@ -119,6 +125,27 @@ def main() -> None:
                 cpu_ratio = f"{bc / ac:.2f}" if args.device == "cpu" and ac > 0 else "-"
                 print(f"| {str(dtype).replace('torch.', '')} | {'yes' if dq else 'no'} | {step} | {n / a / 1e6:,.0f} "
                       f"| {n / b / 1e6:,.0f} | {b / a:.2f} | {cpu_ratio} |", flush=True)
+
+
+
+def _allocation_report(n_values: int, repeats: int) -> None:
+    """Distribution of the time to get and first write a fresh fp32 output, as dequantize does: with 4 KiB pages
+    and with the 2 MiB-page advice of `native.empty`. Median, 90th percentile and maximum, alternating."""
+    if not native.available():
+        print("\n(no native library: the huge-page advice is not available)")
+        return
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(repeats):
+        for huge in (True, False):
+            t0 = time.perf_counter()
+            native.empty(n_values, torch.float32, huge_pages=huge).fill_(1.0)
+            times[huge].append(1e3 * (time.perf_counter() - t0))
+    print(f"fresh {n_values * 4 / 2**20:.0f} MiB fp32 output, empty + fill, {repeats} runs each (ms):")
+    print("| pages | median | 90th percentile | max |\n|---|---|---|---|")
+    for huge in (False, True):
+        ts = sorted(times[huge])
+        print(f"| {'2 MiB (advised)' if huge else '4 KiB (default)'} | {statistics.median(ts):.1f} "
+              f"| {ts[int(0.9 * (len(ts) - 1))]:.1f} | {ts[-1]:.1f} |")
 
 
 if __name__ == "__main__":

@@ -220,8 +220,12 @@ void qt_dequantize_4bit(const uint8_t *packed, const float *code, const float *a
                         const float *dynamic_map, const float *nested, int64_t nested_bs, float offset,
                         void *out, int kind, int64_t n, int64_t bs, int use_avx512, int stream, int threads) {
     const int64_t blocks = (n + bs - 1) / bs;
-    if (threads < 1) threads = 1;
-    if (threads > blocks) threads = (int)(blocks > 0 ? blocks : 1);
+    if (threads > blocks) threads = (int)blocks;
+    if (threads <= 1) {  /* no parallel region at all (also safe in a forked child whose parent used OpenMP) */
+        run(packed, code, absmax, qabsmax, dynamic_map, nested, nested_bs, offset, out, kind, n, bs, 0, blocks,
+            use_avx512, stream);
+        return;
+    }
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(threads) schedule(static, 1)
 #endif

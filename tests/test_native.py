@@ -18,7 +18,8 @@ from qlora_tutor import native
 from qlora_tutor.quant import BLOCKSIZES, QuantizedTensor, codebook, dynamic_map, quantize
 
 if not native.available():
-    if sys.platform.startswith("linux"):  # CI and this project's machines have a C compiler: a failure is a bug
+    if native._compiler() is not None and os.environ.get("QLORA_TUTOR_NATIVE", "1") != "0":
+        # a compiler is there, so the build should have worked: that is a bug to see, not a test to skip
         pytest.fail(f"the native dequantize did not build: {native.status()}", pytrace=False)
     pytest.skip(f"native dequantize unavailable: {native.status()}", allow_module_level=True)
 
