@@ -14,6 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from bnb_reference import BITS, assert_matches_bnb, fp16_ties_rounded_away, same_bits
 from qlora_tutor import native
 from qlora_tutor.quant import BLOCKSIZES, QuantizedTensor, codebook, dynamic_map, quantize
 
@@ -24,11 +25,6 @@ if not native.available():
     pytest.skip(f"native dequantize unavailable: {native.status()}", allow_module_level=True)
 
 OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
 
 
 def native_dequantize(q: QuantizedTensor, dtype: torch.dtype, use_avx512: bool = True,
@@ -71,7 +67,21 @@ def test_native_equals_bitsandbytes_all_block_sizes(blocksize):
         packed, state = F.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
                                         compress_statistics=double_quant)
         q = QuantizedTensor.from_bitsandbytes(packed, state)
-        assert same_bits(q.dequantize(backend="native"), F.dequantize_4bit(packed, state))
+        assert_matches_bnb(q.dequantize(backend="native"), F.dequantize_4bit(packed, state), quant_type,
+                           q.dequantize(torch.float32, backend="torch"), what=f"{dtype} {quant_type}")
+
+
+def test_the_float16_tie_rule_accepts_only_ties_rounded_away():
+    # the exception bnb_reference allows on AVX512-FP16 CPUs, checked here on any CPU so that it can fail
+    exact = torch.tensor([1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-12, -(1 + 2**-11)], dtype=torch.float32)
+    ours = exact.half()                                                  # ties to even: 1, 1 + 2**-9, 1, -1
+    away = torch.tensor([1 + 2**-10, 1 + 2**-9, 1, -(1 + 2**-10)]).half()  # ties away from zero
+    assert fp16_ties_rounded_away(ours, away, exact)
+    not_a_tie = away.clone()
+    not_a_tie[2] = 1 + 2**-10                                            # 1 + 2**-12 is no tie: must be refused
+    assert not fp16_ties_rounded_away(ours, not_a_tie, exact)
+    wrong_way = torch.tensor([1 - 2**-11]).half()                        # a neighbour on the other side
+    assert not fp16_ties_rounded_away(torch.tensor([1.0]).half(), wrong_way, torch.tensor([1 + 2**-11]))
 
 
 def test_threads_and_store_kinds_give_the_same_bits():

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from bnb_reference import assert_matches_bnb, same_bits
 from qlora_tutor.quant import (
     BLOCKSIZES, NESTED_BLOCKSIZE, QuantizedTensor, codebook, dynamic_map, normal_float_levels, quantize,
 )
@@ -14,12 +15,6 @@ from qlora_tutor.quant import (
 F = pytest.importorskip("bitsandbytes.functional")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.uint8: torch.uint8}
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal bit for bit (torch.equal says 0.0 == -0.0; this does not)."""
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(_BITS[a.dtype]), b.view(_BITS[b.dtype]))
 
 
 @pytest.fixture(autouse=True)
@@ -69,15 +64,9 @@ def assert_same_as_bnb(q: QuantizedTensor, packed, state) -> None:
     else:
         assert not q.double_quant
     ref = F.dequantize_4bit(packed, state)
-    if q.quant_type == "fp4":
-        # FP4 code 8 (the bit pattern of -0) is +0.0 in bitsandbytes' table, its PyTorch path and its AVX-512 CPU
-        # kernel, and ours; its scalar C++ path, taken when the last dimension is not a multiple of 32, gives -0.0.
-        # Zeros are compared as numbers here; test_other_code_books and test_native compare the sign too.
-        ref = torch.where(ref == 0, torch.zeros_like(ref), ref)
+    exact = q.dequantize(torch.float32, backend="torch")  # fp32 products: see bnb_reference on float16 ties
     for backend in ("torch", "auto"):  # the PyTorch code, and the native C pass where it is available
-        ours = q.dequantize(backend=backend)
-        assert ours.dtype == ref.dtype and ours.shape == ref.shape
-        assert same_bits(ours, ref), f"{backend}: dequantized values differ in {(ours != ref).sum().item()} places"
+        assert_matches_bnb(q.dequantize(backend=backend), ref, q.quant_type, exact, what=backend)
 
 
 # ---------------------------------------------------------------- code books
