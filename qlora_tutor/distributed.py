@@ -250,9 +250,9 @@ def unit_bytes(config: Any, method: str = "qlora", *, weight_dtype: str = "bf16"
     no layer owns (embeddings, lm_head, final norm) belongs to the root unit, which stays gathered for the whole step.
     """
     shape = memory.model_shape(config)
-    e = memory._dtype_bytes(weight_dtype, "weight_dtype")
-    a = memory._dtype_bytes(adapter_dtype, "adapter_dtype")
-    targets = memory._targets(lora_targets) if method != "full" else ()
+    e = memory.dtype_bytes(weight_dtype, "weight_dtype")
+    a = memory.dtype_bytes(adapter_dtype, "adapter_dtype")
+    targets = memory.lora_target_names(lora_targets) if method != "full" else ()
     layer_frozen = 2 * shape.hidden * e  # the two RMSNorm weights
     for name, fi, fo, bias in shape.linears():
         if method == "qlora":

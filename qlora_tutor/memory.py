@@ -149,7 +149,8 @@ def _optimizer_bytes(numels: list[int], optimizer: str) -> int:
     return total
 
 
-def _targets(lora_targets: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+def lora_target_names(lora_targets: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The linear-layer names LoRA adapts: 'all-linear' or a list of names from LINEAR_NAMES, checked."""
     if isinstance(lora_targets, str):
         if lora_targets == "all-linear":
             return LINEAR_NAMES
@@ -161,7 +162,8 @@ def _targets(lora_targets: str | list[str] | tuple[str, ...]) -> tuple[str, ...]
     return tuple(lora_targets)
 
 
-def _dtype_bytes(name: str, what: str) -> int:
+def dtype_bytes(name: str, what: str = "dtype") -> int:
+    """Bytes per value of 'bf16', 'fp16' or 'fp32' (also 'torch.bfloat16' ...); `what` names it in the error."""
     key = str(name).lower().replace("torch.", "")
     if key not in _DTYPE_BYTES:
         raise ValueError(f"unknown {what} {name!r}: use 'bf16', 'fp16' or 'fp32'")
@@ -225,9 +227,9 @@ def estimate(config: Any, method: str, *, weight_dtype: str = "bf16", quant_type
     for name, val in (("batch_size", batch_size), ("seq_len", seq_len)):
         if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
             raise ValueError(f"{name} must be a positive integer, got {val!r}")
-    e = _dtype_bytes(weight_dtype, "weight_dtype")
-    a = _dtype_bytes(adapter_dtype, "adapter_dtype")
-    targets = _targets(lora_targets) if method != "full" else ()
+    e = dtype_bytes(weight_dtype, "weight_dtype")
+    a = dtype_bytes(adapter_dtype, "adapter_dtype")
+    targets = lora_target_names(lora_targets) if method != "full" else ()
     if method != "full":
         if not isinstance(lora_r, int) or isinstance(lora_r, bool) or lora_r <= 0:
             raise ValueError(f"lora_r must be a positive integer, got {lora_r!r}")
@@ -603,7 +605,7 @@ def build_training_model(config: Any, method: str, *, dtype: torch.dtype = torch
         model.requires_grad_(False)
         if gradient_checkpointing:
             model.enable_input_require_grads()
-        targets = list(_targets(lora_targets))
+        targets = list(lora_target_names(lora_targets))
         model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
                                                  target_modules=targets, bias="none", task_type="CAUSAL_LM"))
     model.train()
