@@ -228,17 +228,14 @@ class PerGPUMemory:
 
     def report(self) -> str:
         s = self.settings
-        lines = [f"{s['model']} · {s['method']} · {self.strategy} on {self.n_gpus} GPU(s) · per-device batch "
-                 f"{s['per_device_batch']} (global {s['global_batch']}) × seq {s['seq_len']}"]
-        for k, v in self.components.items():
-            lines.append(f"  {k.replace('_', ' '):<26}{v / memory.GB:>8.2f} GB  {self.placement[k]}")
-        lines.append(f"  {'sum of components':<26}{sum(self.components.values()) / memory.GB:>8.2f} GB")
-        lines.append(f"  {'per GPU (allocator peak)':<26}{self.total / memory.GB:>8.2f} GB")
-        lines.append(f"  {'+ CUDA context':<26}{self.on_card / memory.GB:>8.2f} GB")
+        title = (f"{s['model']} · {s['method']} · {self.strategy} on {self.n_gpus} GPU(s) · per-device batch "
+                 f"{s['per_device_batch']} (global {s['global_batch']}) × seq {s['seq_len']}")
+        rows = [(k.replace("_", " "), v, self.placement[k]) for k, v in self.components.items()]
+        rows += [("sum of components", sum(self.components.values()), ""),
+                 ("per GPU (allocator peak)", self.total, ""), ("+ CUDA context", self.on_card, "")]
         if self.cpu_bytes:
-            lines.append(f"  {'CPU RAM per process':<26}{self.cpu_bytes / memory.GB:>8.2f} GB  (offloaded shards)")
-        lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
+            rows.append(("CPU RAM per process", self.cpu_bytes, "(offloaded shards)"))
+        return memory.format_report(title, rows, self.notes)
 
 
 def unit_bytes(config: Any, method: str = "qlora", *, weight_dtype: str = "bf16", adapter_dtype: str = "fp32",

@@ -195,15 +195,21 @@ class MemoryEstimate:
     def report(self) -> str:
         """A readable table in GB (1 GB = 1e9 bytes)."""
         s = self.settings
-        lines = [f"{s['model']} · {s['method']} · {s['optimizer']} · batch {s['batch_size']} × seq {s['seq_len']}"
-                 f" · gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"]
-        for k, v in self.components.items():
-            lines.append(f"  {k.replace('_', ' '):<28}{v / GB:>9.2f} GB")
-        lines.append(f"  {'sum of components':<28}{sum(self.components.values()) / GB:>9.2f} GB")
-        lines.append(f"  {'predicted peak (allocator)':<28}{self.total / GB:>9.2f} GB")
-        lines.append(f"  {'+ CUDA context (on card)':<28}{self.on_card / GB:>9.2f} GB")
-        lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
+        title = (f"{s['model']} · {s['method']} · {s['optimizer']} · batch {s['batch_size']} × seq {s['seq_len']}"
+                 f" · gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}")
+        rows = [(k.replace("_", " "), v, "") for k, v in self.components.items()]
+        rows += [("sum of components", sum(self.components.values()), ""),
+                 ("predicted peak (allocator)", self.total, ""), ("+ CUDA context (on card)", self.on_card, "")]
+        return format_report(title, rows, self.notes)
+
+
+def format_report(title: str, rows: list[tuple[str, float, str]], notes: list[str]) -> str:
+    """The layout of every memory report: a title, one line per (label, bytes, remark) in GB, then the notes."""
+    lines = [title]
+    for label, value, remark in rows:
+        lines.append(f"  {label:<28}{value / GB:>9.2f} GB" + (f"  {remark}" if remark else ""))
+    lines += [f"  note: {n}" for n in notes]
+    return "\n".join(lines)
 
 
 def estimate(config: Any, method: str, *, weight_dtype: str = "bf16", quant_type: str = "nf4",
