@@ -127,7 +127,6 @@ def main() -> None:
                       f"| {n / b / 1e6:,.0f} | {b / a:.2f} | {cpu_ratio} |", flush=True)
 
 
-
 def _allocation_report(n_values: int, repeats: int) -> None:
     """Distribution of the time to get and first write a fresh fp32 output, as dequantize does: with 4 KiB pages
     and with the 2 MiB-page advice of `native.empty`. Median, 90th percentile and maximum, alternating."""

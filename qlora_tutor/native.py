@@ -1,10 +1,10 @@
 """The optional native fast path for 4-bit dequantization on the CPU: `dequant4.c`, built on first use.
 
-The PyTorch dequantize in `quant.py` is the one the notebooks teach; it needs two memory passes because PyTorch
-has no fused "look up and scale" op. `dequant4.c` does the same arithmetic in one pass (tests hold the two equal
-bit for bit). It is compiled once with the system's C compiler (`$CC`, else cc, gcc or clang), cached per user,
-and loaded with ctypes: no Python or torch headers, no build step at install time. Where there is no compiler
-(many Windows and macOS laptops) or the build fails, `available()` is False, `status()` says why, and
+The PyTorch dequantize in `quant.py` is the one the notebooks teach; it needs several memory passes because PyTorch
+has no fused "look up and scale" op. `dequant4.c` does the same arithmetic in one pass (tests hold the two equal bit
+for bit). It is compiled once with the system's C compiler (`$CC`, else cc, gcc or clang), cached per user, and
+loaded with ctypes: no Python or torch headers, no build step at install time. Where there is no compiler (many
+Windows and macOS laptops) or the build fails, `available()` is False, `status()` says why, and
 `QuantizedTensor.dequantize` simply uses the PyTorch path: same results, slower.
 
 Three things make it fast, each measured on the 2-core test machine (benchmarks/results/quant_cpu.md):

@@ -331,15 +331,17 @@ class QuantizedTensor:
             return self._dequantize_native(dtype)
         return self._dequantize_torch(dtype)
 
-    def _dequantize_native(self, dtype: torch.dtype) -> torch.Tensor:
+    def _dequantize_native(self, dtype: torch.dtype, **options) -> torch.Tensor:
+        """The native path; `options` (use_avx512, threads, stream) go to `native.dequantize_4bit` (for tests)."""
         out = native.empty(self.numel, dtype)
         code, packed = _codebook_cpu(self.quant_type), self.packed.contiguous()
         if self.double_quant:
             native.dequantize_4bit(packed, code, out, self.blocksize, qabsmax=self.absmax.contiguous(),
                                    dynamic_map=_dynamic_map_cpu(), nested=self.nested_absmax.float().contiguous(),
-                                   nested_blocksize=self.nested_blocksize, offset=float(self.offset))
+                                   nested_blocksize=self.nested_blocksize, offset=float(self.offset), **options)
         else:
-            native.dequantize_4bit(packed, code, out, self.blocksize, absmax=self.absmax.float().contiguous())
+            native.dequantize_4bit(packed, code, out, self.blocksize, absmax=self.absmax.float().contiguous(),
+                                   **options)
         return out.view(self.shape)
 
     def _dequantize_torch(self, dtype: torch.dtype) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 
 from bnb_reference import BITS, assert_matches_bnb, fp16_ties_rounded_away, same_bits
 from qlora_tutor import native
-from qlora_tutor.quant import BLOCKSIZES, QuantizedTensor, codebook, dynamic_map, quantize
+from qlora_tutor.quant import BLOCKSIZES, QuantizedTensor, codebook, quantize
 
 if not native.available():
     if native._compiler() is not None and os.environ.get("QLORA_TUTOR_NATIVE", "1") != "0":
@@ -29,15 +29,8 @@ OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 def native_dequantize(q: QuantizedTensor, dtype: torch.dtype, use_avx512: bool = True,
                       threads: int | None = None, stream: bool | None = None) -> torch.Tensor:
-    out = torch.empty(q.numel, dtype=dtype)
-    kw = dict(use_avx512=use_avx512, threads=threads, stream=stream)
-    if q.double_quant:
-        native.dequantize_4bit(q.packed, codebook(q.quant_type), out, q.blocksize, qabsmax=q.absmax,
-                               dynamic_map=dynamic_map(), nested=q.nested_absmax,
-                               nested_blocksize=q.nested_blocksize, offset=float(q.offset), **kw)
-    else:
-        native.dequantize_4bit(q.packed, codebook(q.quant_type), out, q.blocksize, absmax=q.absmax, **kw)
-    return out.view(q.shape)
+    """The native path with its options forced (the AVX-512 or plain loop, thread count, store kind)."""
+    return q._dequantize_native(dtype, use_avx512=use_avx512, threads=threads, stream=stream)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
