@@ -6,22 +6,11 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+
+from layer_helpers import OneLinear, rel_error
 from qlora_tutor.lora import LoRALinear, lora_scaling
 
 peft = pytest.importorskip("peft")
-
-
-class _OneLinear(nn.Module):
-    def __init__(self, lin: nn.Linear):
-        super().__init__()
-        self.lin = lin
-
-    def forward(self, x):
-        return self.lin(x)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
 def _pair(seed, in_f, out_f, r, alpha, rslora, bias=True, dropout=0.0):
@@ -32,7 +21,7 @@ def _pair(seed, in_f, out_f, r, alpha, rslora, bias=True, dropout=0.0):
     with torch.no_grad():
         ours.lora_B.normal_()  # B = 0 at init would make every B-dependent check trivially pass
     cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["lin"], use_rslora=rslora)
-    ref = peft.get_peft_model(_OneLinear(copy.deepcopy(base)), cfg)
+    ref = peft.get_peft_model(OneLinear(copy.deepcopy(base)), cfg)
     lin = ref.base_model.model.lin
     with torch.no_grad():
         lin.lora_A["default"].weight.copy_(ours.lora_A)
@@ -51,12 +40,12 @@ def test_matches_peft_outputs_and_grads(rslora, seed, in_f, out_f, r, alpha, bia
     g = torch.randn(3, 5, out_f)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     y1, y2 = ours(x1), ref(x2)
-    assert _rel(y1, y2) < 1e-6
+    assert rel_error(y1, y2) < 1e-6
     (y1 * g).sum().backward()
     (y2 * g).sum().backward()
-    assert _rel(x1.grad, x2.grad) < 1e-6
-    assert _rel(ours.lora_A.grad, lin.lora_A["default"].weight.grad) < 1e-6
-    assert _rel(ours.lora_B.grad, lin.lora_B["default"].weight.grad) < 1e-6
+    assert rel_error(x1.grad, x2.grad) < 1e-6
+    assert rel_error(ours.lora_A.grad, lin.lora_A["default"].weight.grad) < 1e-6
+    assert rel_error(ours.lora_B.grad, lin.lora_B["default"].weight.grad) < 1e-6
     # the frozen base gets no gradient, exactly as in PEFT
     assert ours.base_layer.weight.grad is None and not ours.base_layer.weight.requires_grad
     # the trainable set is the same as PEFT's: only A and B
@@ -73,7 +62,7 @@ def test_matches_float64_formula(seed):
     W, b = ours.base_layer.weight.double(), ours.base_layer.bias.double()
     A, B = ours.lora_A.double(), ours.lora_B.double()
     expect = x.double() @ (W + ours.scaling * B @ A).T + b
-    assert _rel(ours(x), expect) < 1e-6
+    assert rel_error(ours(x), expect) < 1e-6
     assert ours.delta_weight().shape == ours.base_layer.weight.shape == (17, 29)
     assert ours.lora_A.shape == (4, 29) and ours.lora_B.shape == (17, 4)
 
@@ -86,7 +75,7 @@ def test_dropout_only_on_adapter_input_same_as_peft():
     y1 = ours(x)
     torch.manual_seed(123)
     y2 = ref(x)
-    assert _rel(y1, y2) < 1e-6
+    assert rel_error(y1, y2) < 1e-6
     # dropout really acts in training (two draws differ) and never touches the base path
     assert not torch.allclose(ours(x), ours(x))
     with torch.no_grad():
@@ -108,17 +97,17 @@ def test_merge_unmerge(seed):
         ours.merge()
         assert ours.merged
         y_merged = ours(x)  # must not add the adapter a second time
-        assert _rel(y_merged, y_unmerged) < 1e-6
-        assert _rel(ours.base_layer.weight - w0, ours.delta_weight()) < 1e-5
+        assert rel_error(y_merged, y_unmerged) < 1e-6
+        assert rel_error(ours.base_layer.weight - w0, ours.delta_weight()) < 1e-5
         # PEFT's merged weight is the same matrix
         lin.merge()
-        assert _rel(ours.base_layer.weight, lin.base_layer.weight) < 1e-6
+        assert rel_error(ours.base_layer.weight, lin.base_layer.weight) < 1e-6
         with pytest.warns(UserWarning, match="already merged"):
             ours.merge()
         ours.unmerge()
         assert not ours.merged
         assert torch.allclose(ours.base_layer.weight, w0, rtol=0, atol=1e-6)
-        assert _rel(ours(x), y_unmerged) < 1e-6
+        assert rel_error(ours(x), y_unmerged) < 1e-6
         with pytest.warns(UserWarning, match="not merged"):
             ours.unmerge()
 

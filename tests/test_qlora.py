@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from layer_helpers import OneLinear, rel_error
 from qlora_tutor import hardware
 from qlora_tutor.lora import LoRALinear
 from qlora_tutor.qlora import (QLoRALinear, QuantizedLinear, _DequantLinear, add_adapters, count_parameters,
@@ -20,19 +21,6 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
-
-
-class _OneLinear(nn.Module):
-    def __init__(self, lin: nn.Module):
-        super().__init__()
-        self.lin = lin
-
-    def forward(self, x):
-        return self.lin(x)
-
-
 def _bnb_peft(lin: nn.Linear, quant_type: str, r: int, alpha: float, rslora: bool, compute_dtype=torch.float32):
     """bitsandbytes Linear4bit (same weights, quantized on CPU) with PEFT's 4-bit LoRA layer on top."""
     q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=compute_dtype,
@@ -41,7 +29,7 @@ def _bnb_peft(lin: nn.Linear, quant_type: str, r: int, alpha: float, rslora: boo
                                  quant_type=quant_type, blocksize=64)
     if lin.bias is not None:
         q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
-    wrapper = _OneLinear(q.to("cpu"))  # .to() is where Params4bit quantizes
+    wrapper = OneLinear(q.to("cpu"))  # .to() is where Params4bit quantizes
     wrapper.is_loaded_in_4bit = True  # what transformers sets; makes PEFT pick its bitsandbytes LoRA layer
     cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["lin"], use_rslora=rslora)
     model = peft.get_peft_model(wrapper, cfg)
@@ -73,13 +61,13 @@ def test_matches_bitsandbytes_plus_peft(quant_type, seed, in_f, out_f, r, alpha,
     x = torch.randn(2, 5, in_f)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     y1, y2 = ours(x1), ref(x2)
-    assert _rel(y1, y2) < 1e-6
+    assert rel_error(y1, y2) < 1e-6
     g = torch.randn_like(y1)
     (y1 * g).sum().backward()
     (y2 * g).sum().backward()
-    assert _rel(x1.grad, x2.grad) < 1e-6
-    assert _rel(ours.lora_A.grad, layer.lora_A["default"].weight.grad) < 1e-6
-    assert _rel(ours.lora_B.grad, layer.lora_B["default"].weight.grad) < 1e-6
+    assert rel_error(x1.grad, x2.grad) < 1e-6
+    assert rel_error(ours.lora_A.grad, layer.lora_A["default"].weight.grad) < 1e-6
+    assert rel_error(ours.lora_B.grad, layer.lora_B["default"].weight.grad) < 1e-6
 
 
 @pytest.mark.parametrize("seed,quant_type,double_quant", [(0, "nf4", True), (1, "fp4", False), (2, "int4", True)])
@@ -102,9 +90,9 @@ def test_gradients_match_float64_reference(seed, quant_type, double_quant):
     B64 = ours.lora_B.detach().double().requires_grad_()
     y64 = x64 @ W.T + b + ours.scaling * (x64 @ A64.T) @ B64.T
     (y64 * g.double()).sum().backward()
-    assert _rel(x.grad, x64.grad) < 1e-5
-    assert _rel(ours.lora_A.grad, A64.grad) < 1e-5
-    assert _rel(ours.lora_B.grad, B64.grad) < 1e-5
+    assert rel_error(x.grad, x64.grad) < 1e-5
+    assert rel_error(ours.lora_A.grad, A64.grad) < 1e-5
+    assert rel_error(ours.lora_B.grad, B64.grad) < 1e-5
     assert ours.base_layer.bias.grad is None  # the base gets nothing
 
 
@@ -148,7 +136,7 @@ def test_compute_dtype_bf16_on_cpu_matches_bitsandbytes():
     x = torch.randn(6, 128, dtype=torch.bfloat16)
     y1, y2 = ours(x), ref(x)
     assert y1.dtype == y2.dtype == torch.bfloat16
-    assert _rel(y1, y2) < 1e-2  # bf16 has 8 significant bits; both round the same products
+    assert rel_error(y1, y2) < 1e-2  # bf16 has 8 significant bits; both round the same products
 
 
 def test_module_moves_and_casts_keep_the_4bit_storage():
@@ -169,7 +157,7 @@ def test_merged_linear_equals_layer():
     with torch.no_grad():
         layer.lora_B.normal_()
     x = torch.randn(7, 96)
-    assert _rel(layer.merged_linear()(x), layer(x)) < 1e-6
+    assert rel_error(layer.merged_linear()(x), layer(x)) < 1e-6
 
 
 # --------------------------------------------------------------------------------------------------- tiny Llama
