@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import canonical_dtype
+
 
 def check_rank_alpha(r: object, alpha: object, dropout: object = 0.0) -> None:
     """Raise a clear error for a rank that is not a positive int, a non-numeric alpha or a bad dropout."""
@@ -36,6 +38,18 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     return float(alpha) / (math.sqrt(r) if use_rslora else r)
 
 
+def check_adapter_dtype(dtype: object) -> torch.dtype:
+    """The adapter's dtype as a floating-point torch.dtype ('fp32', 'bf16', 'fp16' are accepted too); a clear
+    error otherwise: A and B are trained, and only floating-point tensors can have gradients."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, canonical_dtype(dtype, "adapter_dtype"))
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"adapter_dtype must be a floating-point dtype (torch.float32, the usual choice, or "
+                        f"torch.bfloat16 / torch.float16), got {dtype!r}: the adapter is trained, and only "
+                        "floating-point tensors have gradients")
+    return dtype
+
+
 def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     """Adapters live in fp32 when the base is 16-bit (fp16 AMP cannot unscale fp16 gradients), else in the base dtype."""
     return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
@@ -50,6 +64,7 @@ class LoRAAdapterMixin:
     def _init_adapter(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
                       use_rslora: bool, dtype: torch.dtype, device: torch.device | None) -> None:
         check_rank_alpha(r, alpha, dropout)
+        dtype = check_adapter_dtype(dtype)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.r, self.alpha, self.use_rslora = int(r), float(alpha), bool(use_rslora)
         self.scaling = lora_scaling(self.r, self.alpha, self.use_rslora)
@@ -80,6 +95,9 @@ class LoRAAdapterMixin:
 class LoRALinear(LoRAAdapterMixin, nn.Module):
     """A frozen nn.Linear plus a LoRA adapter:  y = base(x) + s·B·A·dropout(x).
 
+    With a 16-bit base and the fp32 adapter, the sum is formed in fp32 and rounded once to the base's dtype, as
+    PEFT's LoRA Linear does (rounding the adapter's output first would differ in about a quarter of the values).
+
     `merge()` folds ΔW into the base weight (inference with no extra cost); `unmerge()` takes it out again.
     While merged, forward is just base(x) and the adapter gets no gradient.
     """
@@ -90,18 +108,21 @@ class LoRALinear(LoRAAdapterMixin, nn.Module):
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}.")
         check_rank_alpha(r, alpha, dropout)
+        adapter_dtype = default_adapter_dtype(base.weight.dtype) if adapter_dtype is None else \
+            check_adapter_dtype(adapter_dtype)
         self.base_layer = base
         for p in base.parameters():  # weight and bias stay frozen (PEFT's bias="none")
             p.requires_grad_(False)
         self._init_adapter(base.in_features, base.out_features, r, alpha, dropout, use_rslora,
-                           dtype=adapter_dtype or default_adapter_dtype(base.weight.dtype), device=base.weight.device)
+                           dtype=adapter_dtype, device=base.weight.device)
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.merged:  # ΔW is already inside base_layer.weight: adding the adapter again would count it twice
             return result
-        return result + self.lora_forward(x).to(result.dtype)
+        # PEFT's order: add in the wider of the two dtypes (the fp32 adapter's, over a 16-bit base), round once
+        return (result + self.lora_forward(x)).to(result.dtype)
 
     @torch.no_grad()
     def _add_delta(self, sign: float) -> None:
