@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from bnb_reference import bnb_cpu_dequant_misscales
 from layer_helpers import OneLinear, rel_error
 from qlora_tutor import hardware
 from qlora_tutor.lora import LoRALinear
@@ -40,11 +41,12 @@ def _bnb_peft(lin: nn.Linear, quant_type: str, r: int, alpha: float, rslora: boo
 
 @pytest.mark.parametrize("quant_type,seed,in_f,out_f,r,alpha,bias,rslora", [
     ("nf4", 0, 64, 48, 8, 16, True, False), ("nf4", 1, 37, 23, 4, 8, True, True),  # 851 values: a partial block
-    ("nf4", 2, 256, 130, 16, 16, False, False), ("fp4", 3, 128, 33, 8, 16, True, False)])
-# Shapes avoid an even in_features that is not a multiple of 64 (e.g. 80): bitsandbytes 0.50.2's native CPU
-# dequantize_4bit gets the block scales wrong there (its default pure-PyTorch backend is right), see
-# test_bitsandbytes_cpu_dequant_quirk below.
+    ("nf4", 2, 256, 130, 16, 16, False, False), ("fp4", 3, 128, 33, 8, 16, True, False),
+    ("nf4", 4, 300, 7, 4, 8, True, False)])  # 300: not a multiple of 64, but bitsandbytes is right there
+# Shapes avoid what bitsandbytes 0.50.2's C++ CPU dequantize_4bit mis-scales (in_features a multiple of 16 but not
+# of the block size, e.g. 80, with enough rows; its pure-PyTorch backend is right): bnb_reference, quirk 3.
 def test_matches_bitsandbytes_plus_peft(quant_type, seed, in_f, out_f, r, alpha, bias, rslora):
+    assert not bnb_cpu_dequant_misscales((out_f, in_f), 64)
     torch.manual_seed(seed)
     lin = nn.Linear(in_f, out_f, bias=bias)
     ours = QLoRALinear.from_linear(copy.deepcopy(lin), r, alpha, use_rslora=rslora, quant_type=quant_type,
@@ -109,18 +111,31 @@ def _quantize_for_test(w: torch.Tensor) -> QuantizedTensor:
     return quantize(w, quant_type="nf4", blocksize=64, double_quant=True)
 
 
-def test_bitsandbytes_cpu_dequant_quirk():
-    """Ours agrees with bitsandbytes' pure-PyTorch backend where its native CPU kernel does not (in_features 80)."""
+# (rows, last dimension, block size): where bitsandbytes' AVX-512 path mis-scales and where it does not
+QUIRK_CASES = [(33, 80, 64), (2, 80, 64), (4, 400, 64), (3, 64, 128), (3, 1040, 1024), (5, 48, 32),
+               (9, 4096 + 16, 1024), (4, 300, 64), (2, 64, 128), (1, 80, 64), (7, 82, 64), (6, 96, 32), (5, 80, 2048),
+               (3, 4096 + 16, 4096), (4, 81, 64), (3, 128, 64)]
+
+
+def test_bitsandbytes_cpu_dequant_misscales_exactly_where_predicted():
+    """bitsandbytes' C++ CPU dequantize_4bit is wrong exactly where bnb_reference.bnb_cpu_dequant_misscales says
+    (nowhere on a CPU without AVX-512); ours equals its pure-PyTorch backend everywhere."""
     from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
-    torch.manual_seed(5)
-    layer = QLoRALinear.from_linear(nn.Linear(80, 33), 4, 8, double_quant=False, compute_dtype=torch.float32)
-    packed, state = layer.base_layer.weight.to_bitsandbytes()
-    default = _dequantize_4bit_compute(packed.view(-1), state.absmax, state.code, 64, (33, 80), torch.float32)
-    assert torch.equal(layer.base_layer.dequantized_weight(torch.float32), default)
-    native = bnb.functional.dequantize_4bit(packed, state)
-    if torch.equal(native, default):  # fixed upstream: then the shape restriction above can go
-        pytest.skip("bitsandbytes' CPU dequantize_4bit is now right for in_features % 64 != 0")
-    assert not torch.equal(native, default)
+    g = torch.Generator().manual_seed(5)
+    seen = []
+    for rows, n, blocksize in QUIRK_CASES:
+        w = torch.randn(rows, n, generator=g) * torch.rand(rows, n, generator=g).mul(8).exp()  # blocks of varied scale
+        packed, state = bnb.functional.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
+        default = _dequantize_4bit_compute(packed.view(-1), state.absmax, state.code, blocksize, (rows, n),
+                                           torch.float32).reshape(rows, n)
+        ours = QuantizedTensor.from_bitsandbytes(packed, state)
+        for backend in ("torch", "auto"):
+            assert torch.equal(ours.dequantize(backend=backend), default), (rows, n, blocksize, backend)
+        wrong = not torch.equal(bnb.functional.dequantize_4bit(packed, state).reshape(rows, n), default)
+        seen.append((wrong, bnb_cpu_dequant_misscales((rows, n), blocksize)))
+    if any(predicted for _, predicted in seen) and not any(wrong for wrong, _ in seen):
+        pytest.skip("bitsandbytes' CPU dequantize_4bit no longer mis-scales: quirk 3 in bnb_reference can go")
+    assert [w for w, _ in seen] == [p for _, p in seen], list(zip(QUIRK_CASES, seen))
 
 
 def test_compute_dtype_bf16_on_cpu_matches_bitsandbytes():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from bnb_reference import assert_matches_bnb, same_bits
+from bnb_reference import assert_matches_bnb, bnb_cpu_dequant_misscales, same_bits
 from qlora_tutor.quant import (
     BLOCKSIZES, NESTED_BLOCKSIZE, QuantizedTensor, codebook, dynamic_map, normal_float_levels, quantize,
 )
@@ -63,6 +63,7 @@ def assert_same_as_bnb(q: QuantizedTensor, packed, state) -> None:
         assert same_bits(dynamic_map(), state.state2.code), "8-bit map differs"
     else:
         assert not q.double_quant
+    assert not bnb_cpu_dequant_misscales(tuple(state.shape), state.blocksize)  # (bnb_reference, quirk 3)
     ref = F.dequantize_4bit(packed, state)
     exact = q.dequantize(torch.float32, backend="torch")  # fp32 products: see bnb_reference on float16 ties
     for backend in ("torch", "auto"):  # the PyTorch code, and the native C pass where it is available
