@@ -368,8 +368,9 @@ class QuantizedTensor:
         blocks = -(-n // self.blocksize)
         fix = "build it with quantize() or from_bitsandbytes(), or pass the parts of one quantization together"
         if (self.nested_absmax is None) != (self.offset is None):
+            given = "offset" if self.nested_absmax is None else "nested_absmax"
             raise ValueError("QuantizedTensor: double quantization needs both nested_absmax and offset (plain 4-bit "
-                             f"quantization neither); got only {'offset' if self.nested_absmax is None else 'nested_absmax'}")
+                             f"quantization neither); got only {given}")
         expect = [("packed", self.packed, torch.uint8, (n + 1) // 2,
                    f"(numel + 1) // 2 bytes for shape {tuple(dims)}, two 4-bit codes per byte")]
         if self.nested_absmax is None:
