@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qlora_tutor import hardware
+from qlora_tutor import fused_layer, hardware
 from qlora_tutor.lora import LoRAAdapterMixin, LoRALinear, check_rank_alpha
 from qlora_tutor.quant import QUANT_TYPES, QuantizedTensor, quantize
 
@@ -140,7 +140,11 @@ class QLoRALinear(LoRAAdapterMixin, nn.Module):
     def compute_dtype(self) -> torch.dtype:
         return self.base_layer.compute_dtype
 
+    fused = True  # one autograd node for base + adapter (fused_layer.py: same bits, less overhead); False: modules
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return fused_layer.qlora_forward(self, x)
         result = self.base_layer(x)
         return result + self.lora_forward(x).to(result.dtype)
 
