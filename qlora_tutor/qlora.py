@@ -37,6 +37,10 @@ class _DequantLinear(torch.autograd.Function):
                 compute_dtype: torch.dtype) -> torch.Tensor:
         # Not save_for_backward: that is for tensors; the QuantizedTensor is a plain object the module owns anyway.
         ctx.qweight, ctx.compute_dtype = qweight, compute_dtype
+        if not ctx.needs_input_grad[0]:  # a few tokens, no gradient (generation): one fused Triton kernel on CUDA
+            out = fused_layer.small_matmul(x, qweight, bias, compute_dtype)
+            if out is not None:
+                return out
         w = qweight.dequantize(compute_dtype)  # temporary: freed when forward returns
         return F.linear(x, w, bias)
 

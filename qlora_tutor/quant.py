@@ -22,6 +22,7 @@ QUANT_TYPES = ("nf4", "fp4", "int4")
 BLOCKSIZES = tuple(2**k for k in range(5, 13))  # 32 ... 4096, what bitsandbytes' 4-bit path accepts
 NESTED_BLOCKSIZE = 256  # block size of the 8-bit quantization of the constants (paper section 3, bitsandbytes)
 DEQUANTIZE_BACKENDS = ("auto", "native", "torch", "triton")
+QUANTIZE_BACKENDS = ("auto", "torch", "triton")  # auto: the Triton kernel on CUDA where available, else PyTorch
 NF4_OFFSET = 0.9677083  # outermost quantile probability in bitsandbytes' create_normal_map
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CHUNK = 1 << 22  # values per step: temporaries stay below ~80 MB whatever the tensor size, and few steps
@@ -209,8 +210,18 @@ def _pack(positions: torch.Tensor) -> torch.Tensor:
     return (positions[0::2] << 4) | positions[1::2]
 
 
-def _quantize_flat(flat: torch.Tensor, quant_type: str, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_flat(flat: torch.Tensor, quant_type: str, blocksize: int,
+                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Packed codes and fp32 absmax of a flat tensor, with bitsandbytes' arithmetic (x * (1/absmax) in fp32)."""
+    if backend not in QUANTIZE_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(map(repr, QUANTIZE_BACKENDS))}")
+    if backend == "triton" or (backend == "auto" and flat.device.type == "cuda"
+                               and triton_kernels.available(flat.device)):
+        t = _tables(quant_type, flat.device)  # one Triton kernel, same bits (triton_kernels.py)
+        packed, absmax = triton_kernels.quantize_4bit(flat.contiguous(), t.midpoints, t.order, blocksize)
+        if not torch.isfinite(absmax).all():
+            _raise_non_finite(flat)
+        return packed, absmax
     n = flat.numel()
     full = n - n % blocksize
     positions = torch.empty(n + n % 2, dtype=torch.uint8, device=flat.device)
@@ -483,11 +494,13 @@ class QuantizedTensor:
 
 
 def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
-             double_quant: bool = False) -> QuantizedTensor:
+             double_quant: bool = False, backend: str = "auto") -> QuantizedTensor:
     """Quantize `w` to 4 bits blockwise (absmax scaling, nearest code), as bitsandbytes' quantize_4bit does on CPU.
 
     `double_quant=True` also quantizes the per-block absmax: subtract the mean, then 8-bit dynamic map in
     blocks of 256 (bitsandbytes' compress_statistics=True), saving about 0.37 bits per parameter.
+    backend: "torch" (the code the notebooks explain), "triton" (one kernel for the 4-bit part: CUDA, or the CPU
+    under TRITON_INTERPRET=1) or "auto" (Triton on CUDA where available); the same bits either way.
     """
     _check_weight(w)
     quant_type = _check_quant_type(quant_type)
@@ -498,7 +511,7 @@ def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
         return QuantizedTensor(packed, absmax, w.shape, w.dtype, blocksize, quant_type,
                                nested if double_quant else None, offset if double_quant else None)
     flat = w.detach().reshape(-1)
-    packed, absmax = _quantize_flat(flat, quant_type, blocksize)
+    packed, absmax = _quantize_flat(flat, quant_type, blocksize, backend)
     if not double_quant:
         return QuantizedTensor(packed, absmax, w.shape, w.dtype, blocksize, quant_type)
     offset = absmax.mean()

@@ -24,7 +24,7 @@ try:
     import triton
     import triton.language as tl
     _IMPORT_ERROR = None
-except ImportError as err:  # not installed (the default on macOS and Windows), or a broken install
+except Exception as err:  # not installed (the default on macOS and Windows), or an install that fails to load
     triton = tl = None
     _IMPORT_ERROR = f"{type(err).__name__}: {err}"
 
@@ -84,7 +84,29 @@ def check_output_dtype(dtype: torch.dtype, device: torch.device) -> None:
                              "backend='torch'")
 
 
+def dequantize_reference(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                         n_values: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dequantize formula in plain PyTorch, as notebook 01 writes it: unpack, look up, scale, cast.
+
+    Five passes over memory with a temporary after each; the rung of notebook 10's ladder that torch.compile can
+    fuse. `absmax` is the fp32 scale per block (`QuantizedTensor.scales()`); same bits as the kernel.
+    """
+    codes = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(-1)[:n_values]   # high nibble first
+    values = code[codes.long()]                                                      # fp32 code values
+    padded = torch.nn.functional.pad(values, (0, -n_values % blocksize)).view(-1, blocksize)
+    return (padded * absmax[:, None]).reshape(-1)[:n_values].to(dtype)              # fp32 product, one rounding
+
+
 if tl is not None:
+    # The kernels use primitives only (tl.full, not tl.zeros; tl.reduce, not tl.max): the others are jitted
+    # functions, which the interpreter runs only if Triton was imported with TRITON_INTERPRET=1 already set,
+    # and here it may be set later (tests, notebooks). tl.reduce knows Triton's own max combiner.
+    _MAX = getattr(getattr(tl, "standard", None), "_elementwise_max", None)
+    if _MAX is None:
+        @triton.jit
+        def _MAX(a, b):
+            return tl.maximum(a, b)
+
     def _dequantize_4bit_kernel(packed_ptr, code_ptr, absmax_ptr, dmap_ptr, nested_ptr, offset_ptr, out_ptr,
                                 n_values,
                                 HALF_BLOCK: tl.constexpr,     # blocksize // 2: packed bytes per quantization block
@@ -126,6 +148,99 @@ if tl is not None:
         tl.store(out_ptr + index, rounded, mask=index < n_values)
 
 
+    def _quantize_4bit_kernel(w_ptr, midpoints_ptr, order_ptr, packed_ptr, absmax_ptr, n_values,
+                              BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,  # ROWS whole blocks per program
+                              N_MID: tl.constexpr,        # midpoints between the used code values (15; 14 for int4)
+                              WIDE: tl.constexpr):
+        # One row = one block of BLOCKSIZE values, read as (even, odd) pairs: the two halves of each output byte.
+        pid = tl.program_id(0)
+        if WIDE:
+            pid = pid.to(tl.int64)
+        row = pid * ROWS + tl.arange(0, ROWS)                                  # block number
+        pair = row[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]   # byte number
+        first, second = 2 * pair, 2 * pair + 1
+        x0 = tl.load(w_ptr + first, mask=first < n_values, other=0.0).to(tl.float32)
+        x1 = tl.load(w_ptr + second, mask=second < n_values, other=0.0).to(tl.float32)
+        # absmax per block (c2). NaN counts as +inf, so that a NaN anywhere leaves a non-finite absmax behind
+        # (Triton's max skips NaN) and the caller's finiteness check catches it.
+        a0 = tl.where(x0 == x0, tl.abs(x0), float("inf"))
+        a1 = tl.where(x1 == x1, tl.abs(x1), float("inf"))
+        absmax = tl.reduce(tl.maximum(a0, a1), 1, _MAX)                         # (ROWS,)
+        # Scale as the PyTorch code does, bit for bit: whole blocks multiply by the correctly rounded 1/absmax,
+        # the last, partial block divides (and stores its absmax clamped to 1e-38, as bitsandbytes does).
+        clamped = tl.maximum(absmax, 1e-38)
+        partial = (row + 1) * BLOCKSIZE > n_values
+        inverse = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), clamped)
+        s0 = tl.where(partial[:, None], tl.math.div_rn(x0, clamped[:, None]), x0 * inverse[:, None])
+        s1 = tl.where(partial[:, None], tl.math.div_rn(x1, clamped[:, None]), x1 * inverse[:, None])
+        # Nearest code value: the number of midpoints below the value is its position in sorted order (a value
+        # exactly on a midpoint goes to the lower one); `order` maps positions to codes (FP4, Int4).
+        p0 = tl.full((ROWS, BLOCKSIZE // 2), 0, tl.int32)
+        p1 = tl.full((ROWS, BLOCKSIZE // 2), 0, tl.int32)
+        for i in tl.static_range(N_MID):
+            mid = tl.load(midpoints_ptr + i)
+            p0 += (s0 > mid).to(tl.int32)
+            p1 += (s1 > mid).to(tl.int32)
+        c0 = tl.load(order_ptr + p0).to(tl.int32)
+        c1 = tl.load(order_ptr + p1).to(tl.int32)
+        n_bytes = (n_values + 1) // 2
+        tl.store(packed_ptr + pair, ((c0 << 4) | c1).to(tl.uint8), mask=pair < n_bytes)
+        n_blocks = (n_values + BLOCKSIZE - 1) // BLOCKSIZE
+        tl.store(absmax_ptr + row, tl.where(partial, clamped, absmax), mask=row < n_blocks)
+
+    def _matmul_4bit_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, dmap_ptr, nested_ptr, offset_ptr, bias_ptr,
+                            out_ptr, M, N, K, stride_xm, stride_om,
+                            BLOCKSIZE: tl.constexpr, NESTED_BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, WIDE: tl.constexpr, IEEE: tl.constexpr,
+                            INTERPRET_BF16: tl.constexpr):
+        # out[m, n] = sum_k x[m, k] * W[n, k], W dequantized tile by tile in registers and never written out.
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        if WIDE:
+            rn = rn.to(tl.int64)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            e = rn[None, :] * K + rk[:, None]                     # (BLOCK_K, BLOCK_N): flat index of W[n, k]
+            valid = (rk[:, None] < K) & (rn[None, :] < N)
+            byte = tl.load(packed_ptr + (e >> 1), mask=valid, other=0)
+            nibble = (byte >> (4 - 4 * (e & 1)).to(tl.uint8)) & 15   # even index: high nibble
+            block = e // BLOCKSIZE
+            if DOUBLE_QUANT:
+                q = tl.load(absmax_ptr + block, mask=valid, other=0)
+                scale = tl.load(dmap_ptr + q) * tl.load(nested_ptr + block // NESTED_BLOCK, mask=valid,
+                                                        other=0.0) + tl.load(offset_ptr)
+            else:
+                scale = tl.load(absmax_ptr + block, mask=valid, other=0.0)
+            w = tl.load(code_ptr + nibble) * scale
+            if x_ptr.dtype.element_ty == tl.bfloat16:  # round to nearest even, as the dequantize kernel does
+                bits = w.to(tl.uint32, bitcast=True)
+                bits = bits + 0x7FFF + ((bits >> 16) & 1)
+                w = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            else:
+                w = w.to(x_ptr.dtype.element_ty)
+            xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
+                         other=0.0)
+            if INTERPRET_BF16:  # Triton's interpreter has no bf16 dot: the same exact products, in fp32
+                acc += tl.dot(xt.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            elif IEEE:
+                acc += tl.dot(xt, w, input_precision="ieee")
+            else:
+                acc += tl.dot(xt, w)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        if out_ptr.dtype.element_ty == tl.bfloat16:  # round to nearest even (see the dequantize kernel)
+            bits = acc.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            result = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            result = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], result, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
 @lru_cache(maxsize=None)
 def _kernel(name: str, interpret: bool):
     """A kernel compiled by Triton (CUDA) or wrapped by its interpreter (CPU), built on first use."""
@@ -154,14 +269,17 @@ def dequantize_4bit(packed: torch.Tensor, code: torch.Tensor, n_values: int, blo
                     absmax: torch.Tensor | None = None, qabsmax: torch.Tensor | None = None,
                     dynamic_map: torch.Tensor | None = None, nested_absmax: torch.Tensor | None = None,
                     offset: torch.Tensor | None = None, nested_blocksize: int = 256,
-                    out: torch.Tensor | None = None, tile_bytes: int = TILE_BYTES,
-                    num_warps: int = NUM_WARPS) -> torch.Tensor:
+                    out: torch.Tensor | None = None, tile_bytes: int | None = None,
+                    num_warps: int | None = None) -> torch.Tensor:
     """A flat tensor of `n_values` weights in `dtype` from packed 4-bit codes, in one kernel launch.
 
     Pass `absmax` (fp32, one per block), or for double quantization `qabsmax` (uint8 per block), `dynamic_map`
     (fp32, 256), `nested_absmax` (fp32 per `nested_blocksize` blocks) and `offset` (fp32, one value). `code` is the
     16-entry fp32 table. All tensors on one device (CUDA, or CPU under TRITON_INTERPRET=1), contiguous.
+    tile_bytes / num_warps: packed bytes and warps per program (default TILE_BYTES, NUM_WARPS).
     """
+    tile_bytes = TILE_BYTES if tile_bytes is None else tile_bytes
+    num_warps = NUM_WARPS if num_warps is None else num_warps
     device = packed.device
     why = _why_not(device)
     if why is not None:
@@ -204,3 +322,81 @@ def dequantize_4bit(packed: torch.Tensor, code: torch.Tensor, n_values: int, blo
                  ROWS=rows, COLS=cols, WIDE=n_values > _INT32_LIMIT, OUT_BF16=dtype == torch.bfloat16,
                  num_warps=num_warps, enable_fp_fusion=False)  # no FMA: multiply and add round separately
     return out
+
+
+def quantize_4bit(flat: torch.Tensor, midpoints: torch.Tensor, order: torch.Tensor, blocksize: int,
+                  values_per_program: int = 4096, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed codes (uint8) and fp32 absmax of a flat fp32/bf16/fp16 tensor, in one kernel launch.
+
+    `midpoints` (fp32, sorted) lie halfway between the used code values; `order` (uint8, 16 entries, padded) maps a
+    value's sorted position to its code. Same arithmetic and same bits as `quant._quantize_flat`. A NaN or Inf in a
+    block leaves a non-finite absmax, which the caller checks.
+    """
+    device = flat.device
+    why = _why_not(device)
+    if why is not None:
+        raise RuntimeError(f"the Triton quantize cannot run on {device}: {why}")
+    if flat.dtype not in OUT_DTYPES or not flat.is_contiguous() or flat.dim() != 1:
+        raise ValueError(f"quantize_4bit needs a flat, contiguous float32/bfloat16/float16 tensor, got {flat.dtype} "
+                         f"{tuple(flat.shape)}")
+    n = flat.numel()
+    blocks = -(-n // blocksize)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
+    absmax = torch.empty(blocks, dtype=torch.float32, device=device)
+    rows = max(1, values_per_program // blocksize)
+    kernel = _kernel("_quantize_4bit_kernel", device.type == "cpu")
+    kernel[(triton.cdiv(blocks, rows),)](flat, midpoints, order, packed, absmax, n, BLOCKSIZE=blocksize, ROWS=rows,
+                                         N_MID=midpoints.numel(), WIDE=n > _INT32_LIMIT, num_warps=num_warps,
+                                         enable_fp_fusion=False)
+    return packed, absmax
+
+
+SMALL_M = 16  # fused dequantize + matmul up to this many tokens (see benchmarks/bench_triton.py)
+MATMUL_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=3)
+
+
+def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, code: torch.Tensor, n_out: int, blocksize: int,
+                absmax: torch.Tensor | None = None, qabsmax: torch.Tensor | None = None,
+                dynamic_map: torch.Tensor | None = None, nested_absmax: torch.Tensor | None = None,
+                offset: torch.Tensor | None = None, nested_blocksize: int = 256, bias: torch.Tensor | None = None,
+                **config) -> torch.Tensor:
+    """x @ dequant(W)ᵀ (+ bias) for a few rows of x (generation), without writing the dense W anywhere.
+
+    W is (n_out, x.shape[-1]) stored as the flat packed codes; the weights are dequantized tile by tile in
+    registers, rounded to x's dtype and multiplied with fp32 accumulation (the order of the sums differs from
+    cuBLAS, so results agree to rounding, not bit for bit).
+    """
+    device = x.device
+    why = _why_not(device)
+    if why is not None:
+        raise RuntimeError(f"the Triton matmul cannot run on {device}: {why}")
+    check_output_dtype(x.dtype, device)
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    n_values = n_out * k
+    blocks = -(-n_values // blocksize)
+    _check_tensor(packed, "packed", torch.uint8, (n_values + 1) // 2, device)
+    _check_tensor(code, "code", torch.float32, 16, device)
+    double_quant = absmax is None
+    if double_quant:
+        _check_tensor(qabsmax, "qabsmax", torch.uint8, blocks, device)
+        _check_tensor(nested_absmax, "nested_absmax", torch.float32, -(-blocks // nested_blocksize), device)
+        constants, dmap, nested, off = qabsmax, dynamic_map, nested_absmax, offset.reshape(1)
+    else:
+        _check_tensor(absmax, "absmax", torch.float32, blocks, device)
+        constants, dmap, nested, off = absmax, absmax, absmax, absmax
+    cfg = {**MATMUL_CONFIG, **config}
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    out = torch.empty(m, n_out, dtype=x.dtype, device=device)
+    grid = (triton.cdiv(n_out, cfg["BLOCK_N"]), triton.cdiv(m, block_m))
+    kernel = _kernel("_matmul_4bit_kernel", device.type == "cpu")
+    kernel[grid](x2, packed, code, constants, dmap, nested, off, bias if bias is not None else x2, out, m, n_out, k,
+                 x2.stride(0), out.stride(0), BLOCKSIZE=blocksize, NESTED_BLOCK=nested_blocksize,
+                 DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
+                 BLOCK_K=cfg["BLOCK_K"], WIDE=n_values > _INT32_LIMIT, IEEE=x.dtype == torch.float32,
+                 INTERPRET_BF16=device.type == "cpu" and x.dtype == torch.bfloat16,
+                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False)
+    return out.view(*x.shape[:-1], n_out)
