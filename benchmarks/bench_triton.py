@@ -51,11 +51,11 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def bench(fn, quick: bool) -> float:
     """Median seconds per call (CUDA events, L2 cache flushed before each run)."""
     import triton.testing
-    return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 120,
+    return triton.testing.do_bench(fn, warmup=10 if quick else 15, rep=30 if quick else 60,
                                    return_mode="median") * 1e-3
 
 
-def host_overhead(fn, n: int = 200) -> float:
+def host_overhead(fn, n: int = 100) -> float:
     """Seconds of host (Python + launch) time per call, from back-to-back calls without synchronising."""
     fn()
     torch.cuda.synchronize()

@@ -168,7 +168,8 @@ if tl is not None:
         absmax = tl.reduce(tl.maximum(a0, a1), 1, _MAX)                         # (ROWS,)
         # Scale as the PyTorch code does, bit for bit: whole blocks multiply by the correctly rounded 1/absmax,
         # the last, partial block divides (and stores its absmax clamped to 1e-38, as bitsandbytes does).
-        clamped = tl.maximum(absmax, 1e-38)
+        clamped = tl.maximum(absmax, tl.full((ROWS,), 1e-38, tl.float32))  # 1e-38 is below fp32's normal range:
+        # as a bare literal Triton would make it (and everything after it) float64
         partial = (row + 1) * BLOCKSIZE > n_values
         inverse = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), clamped)
         s0 = tl.where(partial[:, None], tl.math.div_rn(x0, clamped[:, None]), x0 * inverse[:, None])
@@ -189,7 +190,8 @@ if tl is not None:
         tl.store(absmax_ptr + row, tl.where(partial, clamped, absmax), mask=row < n_blocks)
 
     def _matmul_4bit_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, dmap_ptr, nested_ptr, offset_ptr, bias_ptr,
-                            out_ptr, M, N, K, stride_xm, stride_om,
+                            out_ptr, M, N, stride_xm, stride_om,
+                            K: tl.constexpr,  # in_features: one compile per layer width (a model has two or three)
                             BLOCKSIZE: tl.constexpr, NESTED_BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, WIDE: tl.constexpr, IEEE: tl.constexpr,
@@ -393,8 +395,8 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, code: torch.Tensor, n_out
     out = torch.empty(m, n_out, dtype=x.dtype, device=device)
     grid = (triton.cdiv(n_out, cfg["BLOCK_N"]), triton.cdiv(m, block_m))
     kernel = _kernel("_matmul_4bit_kernel", device.type == "cpu")
-    kernel[grid](x2, packed, code, constants, dmap, nested, off, bias if bias is not None else x2, out, m, n_out, k,
-                 x2.stride(0), out.stride(0), BLOCKSIZE=blocksize, NESTED_BLOCK=nested_blocksize,
+    kernel[grid](x2, packed, code, constants, dmap, nested, off, bias if bias is not None else x2, out, m, n_out,
+                 x2.stride(0), out.stride(0), K=k, BLOCKSIZE=blocksize, NESTED_BLOCK=nested_blocksize,
                  DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
                  BLOCK_K=cfg["BLOCK_K"], WIDE=n_values > _INT32_LIMIT, IEEE=x.dtype == torch.float32,
                  INTERPRET_BF16=device.type == "cpu" and x.dtype == torch.bfloat16,
