@@ -35,7 +35,7 @@ def small_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None, compute_dt
             or torch.compiler.is_compiling() or x.dtype != compute_dtype or compute_dtype not in triton_kernels.OUT_DTYPES
             or len(qweight.shape) != 2 or not triton_kernels.available(x.device)):
         return None
-    if compute_dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] < 8:
+    if compute_dtype == torch.bfloat16 and not triton_kernels.has_bf16(x.device):
         return None
     code, dynamic = _device_tables(qweight.quant_type, x.device)
     if qweight.double_quant:

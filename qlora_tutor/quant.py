@@ -210,13 +210,17 @@ def _pack(positions: torch.Tensor) -> torch.Tensor:
     return (positions[0::2] << 4) | positions[1::2]
 
 
+def _use_triton(backend: str, device: torch.device) -> bool:
+    """quantize's choice: the Triton kernels when asked for, or by default on CUDA where they are available."""
+    return backend == "triton" or (backend == "auto" and device.type == "cuda" and triton_kernels.available(device))
+
+
 def _quantize_flat(flat: torch.Tensor, quant_type: str, blocksize: int,
                    backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Packed codes and fp32 absmax of a flat tensor, with bitsandbytes' arithmetic (x * (1/absmax) in fp32)."""
     if backend not in QUANTIZE_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(map(repr, QUANTIZE_BACKENDS))}")
-    if backend == "triton" or (backend == "auto" and flat.device.type == "cuda"
-                               and triton_kernels.available(flat.device)):
+    if _use_triton(backend, flat.device):
         t = _tables(quant_type, flat.device)  # one Triton kernel, same bits (triton_kernels.py)
         packed, absmax = triton_kernels.quantize_4bit(flat.contiguous(), t.midpoints, t.order, blocksize)
         if not torch.isfinite(absmax).all():
@@ -363,7 +367,7 @@ class QuantizedTensor:
         """"auto" takes the kernel where it runs; a bf16 output on a GPU without bf16 stays on the PyTorch path."""
         if dtype not in _FLOAT_DTYPES or not triton_kernels.available(self.device):
             return False
-        return dtype != torch.bfloat16 or torch.cuda.get_device_capability(self.device)[0] >= 8
+        return dtype != torch.bfloat16 or triton_kernels.has_bf16(self.device)
 
     def _dequantize_triton(self, dtype: torch.dtype) -> torch.Tensor:
         code, dynamic = _device_tables(self.quant_type, self.device)
@@ -515,7 +519,11 @@ def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
     if not double_quant:
         return QuantizedTensor(packed, absmax, w.shape, w.dtype, blocksize, quant_type)
     offset = absmax.mean()
-    qabsmax, nested_absmax = _quantize_8bit_cpu_rule(absmax - offset, NESTED_BLOCKSIZE)
+    if _use_triton(backend, absmax.device):  # the 8-bit step as one kernel too (same bits)
+        qabsmax, nested_absmax = triton_kernels.quantize_constants(absmax, offset, _grid_table(absmax.device),
+                                                                   NESTED_BLOCKSIZE)
+    else:
+        qabsmax, nested_absmax = _quantize_8bit_cpu_rule(absmax - offset, NESTED_BLOCKSIZE)
     return QuantizedTensor(packed, qabsmax, w.shape, w.dtype, blocksize, quant_type,
                            nested_absmax=nested_absmax, offset=offset)
 

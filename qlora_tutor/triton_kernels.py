@@ -72,12 +72,22 @@ def status(device: torch.device | str | None = None) -> str:
     return f"Triton {triton.__version__} kernels on {where}"
 
 
+@lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def has_bf16(device: torch.device) -> bool:
+    """Can the kernels write bfloat16 on `device`? (Ampere and newer GPUs, and the CPU interpreter.)"""
+    return device.type != "cuda" or _capability(device)[0] >= 8
+
+
 def check_output_dtype(dtype: torch.dtype, device: torch.device) -> None:
     """A clear error for an output dtype the kernel cannot write here (bf16 on a GPU older than Ampere)."""
     if dtype not in OUT_DTYPES:
         raise TypeError(f"the Triton dequantize writes float32, bfloat16 or float16, not {dtype}")
-    if dtype == torch.bfloat16 and device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
+    if dtype == torch.bfloat16 and not has_bf16(device):
+        major, minor = _capability(device)
         if major < 8:
             raise ValueError(f"this GPU ({torch.cuda.get_device_name(device)}, compute capability {major}.{minor}) "
                              "has no bfloat16: dequantize to dtype=torch.float16 (T4, V100), or use "
@@ -114,7 +124,8 @@ if tl is not None:
                                 DOUBLE_QUANT: tl.constexpr,
                                 ROWS: tl.constexpr, COLS: tl.constexpr,  # this program's ROWS x COLS packed bytes
                                 WIDE: tl.constexpr,           # 64-bit indices (tensors of 2^31 values and more)
-                                OUT_BF16: tl.constexpr):
+                                EVEN: tl.constexpr,           # every program's tile is full: no masks needed
+                                MANUAL_BF16: tl.constexpr):   # round to bf16 with integer ops (the interpreter)
         # 1. Which bytes: program p owns rows p*ROWS ... p*ROWS + ROWS-1, each row COLS consecutive bytes.
         #    COLS divides HALF_BLOCK (or equals it), so all bytes of one row share one block constant.
         pid = tl.program_id(0)
@@ -123,9 +134,12 @@ if tl is not None:
         row = pid * ROWS + tl.arange(0, ROWS)                       # (ROWS,)
         byte = row[:, None] * COLS + tl.arange(0, COLS)[None, :]    # (ROWS, COLS) flat byte index
         n_bytes = (n_values + 1) // 2
-        packed = tl.load(packed_ptr + byte, mask=byte < n_bytes, other=0)  # uint8: two 4-bit codes each
+        block = (row * COLS) // HALF_BLOCK                          # (ROWS,) the block of each row
+        if EVEN:
+            packed = tl.load(packed_ptr + byte)                     # uint8: two 4-bit codes each
+        else:
+            packed = tl.load(packed_ptr + byte, mask=byte < n_bytes, other=0)
         # 2. The block constant (c2) of each row, in float32.
-        block = (row * COLS) // HALF_BLOCK
         in_range = row * COLS < n_bytes
         if DOUBLE_QUANT:  # 8-bit code -> dynamic map value, times its nested absmax (c1), plus the mean
             q = tl.load(absmax_ptr + block, mask=in_range, other=0)
@@ -139,13 +153,16 @@ if tl is not None:
         # 4. Interleave (high0, low0, high1, low1, ...), round once to the output dtype, store (odd sizes: masked).
         values = tl.reshape(tl.join(high, low), (ROWS, 2 * COLS))
         index = row[:, None] * (2 * COLS) + tl.arange(0, 2 * COLS)[None, :]
-        if OUT_BF16:  # round to nearest even by hand: what cvt.rn.bf16.f32 and torch's cast do, and the same
-            bits = values.to(tl.uint32, bitcast=True)  # bits under Triton's interpreter, whose own cast truncates
+        if MANUAL_BF16:  # round to nearest even by hand, as the GPU's cvt.rn.bf16.f32 and torch's cast do:
+            bits = values.to(tl.uint32, bitcast=True)  # Triton's interpreter casts to bf16 by truncating
             bits = bits + 0x7FFF + ((bits >> 16) & 1)
             rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        else:  # float16 (round to nearest even) or float32 (exact)
+        else:  # round to nearest even (bf16, fp16) or exact (fp32)
             rounded = values.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + index, rounded, mask=index < n_values)
+        if EVEN:
+            tl.store(out_ptr + index, rounded)
+        else:
+            tl.store(out_ptr + index, rounded, mask=index < n_values)
 
 
     def _quantize_4bit_kernel(w_ptr, midpoints_ptr, order_ptr, packed_ptr, absmax_ptr, n_values,
@@ -218,7 +235,7 @@ if tl is not None:
             else:
                 scale = tl.load(absmax_ptr + block, mask=valid, other=0.0)
             w = tl.load(code_ptr + nibble) * scale
-            if x_ptr.dtype.element_ty == tl.bfloat16:  # round to nearest even, as the dequantize kernel does
+            if INTERPRET_BF16:  # round to nearest even by hand, as the dequantize kernel does there
                 bits = w.to(tl.uint32, bitcast=True)
                 bits = bits + 0x7FFF + ((bits >> 16) & 1)
                 w = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
@@ -234,13 +251,32 @@ if tl is not None:
                 acc += tl.dot(xt, w)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        if out_ptr.dtype.element_ty == tl.bfloat16:  # round to nearest even (see the dequantize kernel)
+        if INTERPRET_BF16:  # round to nearest even by hand (see the dequantize kernel)
             bits = acc.to(tl.uint32, bitcast=True)
             bits = bits + 0x7FFF + ((bits >> 16) & 1)
             result = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
         else:
             result = acc.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], result, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    def _quantize_constants_kernel(absmax_ptr, offset_ptr, grid_ptr, q_ptr, nested_ptr, n_blocks,
+                                   NESTED_BLOCK: tl.constexpr):
+        # Double quantization: the fp32 absmax minus their mean, in blocks of 256, to 8-bit codes of the dynamic
+        # map, with bitsandbytes' CPU rule as quant._quantize_8bit_cpu_rule writes it (one op at a time, same bits):
+        # scale by 1/absmax, clamp to [-1, 1], round onto a grid of 65,536 points and look the code up there.
+        pid = tl.program_id(0)
+        index = pid * NESTED_BLOCK + tl.arange(0, NESTED_BLOCK)
+        valid = index < n_blocks
+        x = tl.load(absmax_ptr + index, mask=valid, other=0.0) - tl.load(offset_ptr)
+        x = tl.where(valid, x, 0.0)                                  # padding counts as 0, as the PyTorch pad
+        nested = tl.reduce(tl.abs(x), 0, _MAX)                       # c1 of this block of constants
+        inverse = tl.where(nested > 0, tl.math.div_rn(1.0, nested), 0.0)
+        scaled = tl.minimum(tl.maximum(x * inverse, -1.0), 1.0)
+        point = (((scaled + 1.0) * 0.5) * 65535.0 + 0.5).to(tl.int32)  # truncates, as .to(torch.int32)
+        code = tl.load(grid_ptr + point)
+        code = tl.where(nested == 0, 0, code).to(tl.uint8)           # an all-zero block is stored as code 0
+        tl.store(q_ptr + index, code, mask=valid)
+        tl.store(nested_ptr + pid, nested)
 
 
 @lru_cache(maxsize=None)
@@ -321,7 +357,9 @@ def dequantize_4bit(packed: torch.Tensor, code: torch.Tensor, n_values: int, blo
     kernel = _kernel("_dequantize_4bit_kernel", device.type == "cpu")
     kernel[grid](packed, code, constants, dmap, nested, off, out, n_values,
                  HALF_BLOCK=blocksize // 2, NESTED_BLOCK=nested_blocksize, DOUBLE_QUANT=double_quant,
-                 ROWS=rows, COLS=cols, WIDE=n_values > _INT32_LIMIT, OUT_BF16=dtype == torch.bfloat16,
+                 ROWS=rows, COLS=cols, WIDE=n_values > _INT32_LIMIT,
+                 EVEN=n_values % (2 * tile_bytes) == 0,
+                 MANUAL_BF16=dtype == torch.bfloat16 and device.type == "cpu",
                  num_warps=num_warps, enable_fp_fusion=False)  # no FMA: multiply and add round separately
     return out
 
@@ -353,7 +391,10 @@ def quantize_4bit(flat: torch.Tensor, midpoints: torch.Tensor, order: torch.Tens
     return packed, absmax
 
 
-SMALL_M = 16  # fused dequantize + matmul up to this many tokens (see benchmarks/bench_triton.py)
+# Fused dequantize + matmul for up to SMALL_M tokens. Off (0): on the H200 it measured 213-630 us for one token of a
+# 4096x4096 layer, several times slower than dequantize + cuBLAS (the per-element lookups of the flat index and the
+# tl.dot on a 16-row tile padded from one token; benchmarks/results/triton_kernels_gpu.md). Kept, tested, for study.
+SMALL_M = 0
 MATMUL_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=3)
 
 
@@ -402,3 +443,19 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, code: torch.Tensor, n_out
                  INTERPRET_BF16=device.type == "cpu" and x.dtype == torch.bfloat16,
                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False)
     return out.view(*x.shape[:-1], n_out)
+
+
+def quantize_constants(absmax: torch.Tensor, offset: torch.Tensor, grid_codes: torch.Tensor,
+                       nested_blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Double quantization of fp32 block constants: uint8 codes and fp32 nested absmax, in one kernel launch.
+
+    `offset` is the mean already subtracted by the caller's rule (a 0-d fp32 tensor); `grid_codes` (uint8, 65,536)
+    is the code of the dynamic-map value for each grid point. Same bits as `quant._quantize_8bit_cpu_rule`.
+    """
+    n = absmax.numel()
+    q = torch.empty(n, dtype=torch.uint8, device=absmax.device)
+    nested = torch.empty(-(-n // nested_blocksize), dtype=torch.float32, device=absmax.device)
+    kernel = _kernel("_quantize_constants_kernel", absmax.device.type == "cpu")
+    kernel[(nested.numel(),)](absmax, offset.reshape(1), grid_codes, q, nested, n, NESTED_BLOCK=nested_blocksize,
+                              enable_fp_fusion=False)
+    return q, nested

@@ -136,9 +136,13 @@ def test_bad_input_gets_errors_that_name_the_problem():
 def test_bf16_on_a_gpu_without_it_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
-    with pytest.raises(ValueError, match=r"Tesla T4, compute capability 7.5\) has no bfloat16.*float16"):
-        tk.check_output_dtype(torch.bfloat16, torch.device("cuda"))
-    tk.check_output_dtype(torch.float16, torch.device("cuda"))  # fp16 is fine on a T4
+    tk._capability.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=r"Tesla T4, compute capability 7.5\) has no bfloat16.*float16"):
+            tk.check_output_dtype(torch.bfloat16, torch.device("cuda"))
+        tk.check_output_dtype(torch.float16, torch.device("cuda"))  # fp16 is fine on a T4
+    finally:
+        tk._capability.cache_clear()
 
 
 def test_without_the_interpreter_the_cpu_falls_back_and_status_says_why(monkeypatch):
