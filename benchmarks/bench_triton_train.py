@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [("lora (PEFT, bf16 base)", "lora", True, True), ("qlora-bnb (Linear4bit + PEFT)", "qlora-bnb", True, True),
             ("qlora-ours (Triton, one autograd node)", "qlora-ours", True, True),
             ("qlora-ours, PyTorch path (before)", "qlora-ours", False, False)]
+    default_fused = QLoRALinear.fused
     times: dict[str, list[float]] = {r[0]: [] for r in runs}
     peaks: dict[str, float] = {}
     for k in range(args.warmup + args.steps):
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 times[name].append(t)
             print(f"round {k} {name}: {1000 * t:.1f} ms", flush=True)
     os.environ["QLORA_TUTOR_TRITON"] = "1"
-    QLoRALinear.fused = True
+    QLoRALinear.fused = default_fused
     med = {name: statistics.median(ts) for name, ts in times.items()}
     tokens = args.batch * args.seq_len
     bnb = med["qlora-bnb (Linear4bit + PEFT)"]

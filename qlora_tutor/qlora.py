@@ -144,7 +144,10 @@ class QLoRALinear(LoRAAdapterMixin, nn.Module):
     def compute_dtype(self) -> torch.dtype:
         return self.base_layer.compute_dtype
 
-    fused = True  # one autograd node for base + adapter (fused_layer.py: same bits, less overhead); False: modules
+    # True: base + adapter as one autograd node (fused_layer.py; same bits). Off by default: on the H200 it saved
+    # 2% of a layer's forward+backward (benchmarks/results/triton_layer_gpu.md), and the module path is the one
+    # notebook 04 takes apart.
+    fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:

@@ -291,8 +291,6 @@ def _alive_after_forward(model, x):
 
 
 def test_no_dequantized_weight_is_kept_for_backward(monkeypatch):
-    # the module path (counted per QuantizedLinear with hooks); the one-node path: tests/test_triton_layer.py
-    monkeypatch.setattr(QLoRALinear, "fused", False)
     model = add_adapters(_tiny_llama(2), "all-linear", r=4, alpha=8, quant_type="nf4", compute_dtype="fp32").train()
     x = torch.randint(0, 200, (2, 5))
     quant_layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]

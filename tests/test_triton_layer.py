@@ -32,6 +32,7 @@ def layer(cd, bias=True, dropout=0.0, quant_type="nf4", device="cpu", seed=0):
 
 
 def run(m, x, fused, seed=None):
+    default = QLoRALinear.fused
     QLoRALinear.fused = fused
     try:
         m.lora_A.grad = m.lora_B.grad = None
@@ -42,7 +43,7 @@ def run(m, x, fused, seed=None):
         (y.float().square().sum()).backward()
         return [y, xx.grad, m.lora_A.grad, m.lora_B.grad]
     finally:
-        QLoRALinear.fused = True
+        QLoRALinear.fused = default
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -66,26 +67,25 @@ def test_dropout_and_rslora_keep_the_same_bits():
     assert not torch.equal(run(m, x, True, seed=5)[0], run(m, x, True, seed=6)[0])  # dropout really acts
 
 
-def test_frozen_input_and_no_grad():
+def test_frozen_input_and_no_grad(monkeypatch):
     m = layer(torch.bfloat16)
     x = torch.randn(6, 96)  # no requires_grad: only A and B get gradients
-    QLoRALinear.fused = True
+    monkeypatch.setattr(QLoRALinear, "fused", True)
     y = m(x)
     y.float().sum().backward()
     gA, gB = m.lora_A.grad.clone(), m.lora_B.grad.clone()
     m.lora_A.grad = m.lora_B.grad = None
-    QLoRALinear.fused = False
-    try:
-        y2 = m(x)
-        y2.float().sum().backward()
-    finally:
-        QLoRALinear.fused = True
+    monkeypatch.setattr(QLoRALinear, "fused", False)
+    y2 = m(x)
+    y2.float().sum().backward()
     assert same_bits(y, y2) and same_bits(gA, m.lora_A.grad) and same_bits(gB, m.lora_B.grad)
+    monkeypatch.setattr(QLoRALinear, "fused", True)
     with torch.no_grad():
         assert same_bits(m(x), y)
 
 
 def test_no_dense_weight_is_kept_for_backward(monkeypatch):
+    monkeypatch.setattr(QLoRALinear, "fused", True)
     model = add_adapters(_tiny_llama(2), "all-linear", r=4, alpha=8, quant_type="nf4", compute_dtype="fp32").train()
     x = torch.randint(0, 200, (2, 5))
     n_quant = sum(isinstance(m, QLoRALinear) for m in model.modules())
@@ -107,6 +107,7 @@ def test_no_dense_weight_is_kept_for_backward(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused few-token matmul runs on CUDA")
 def test_few_tokens_without_grad_take_the_fused_matmul_on_cuda(monkeypatch):
+    monkeypatch.setattr(QLoRALinear, "fused", True)
     monkeypatch.setattr(triton_kernels, "SMALL_M", 16)  # off by default (slower on the H200), checked anyway
     m = layer(torch.float16, device="cuda")
     calls = []
