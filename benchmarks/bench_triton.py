@@ -1,6 +1,6 @@
 """The Triton kernels on a GPU: bit-exactness on large tensors, then speed against bitsandbytes and the copy limit.
 
-    python benchmarks/bench_triton.py                # everything, tables to benchmarks/results/triton_kernels_gpu.md
+    python benchmarks/bench_triton.py                # everything, tables to results/triton/kernels_gpu.md
     python benchmarks/bench_triton.py --quick        # fewer exactness cases and sweeps, no torch.compile rung
 
 1. Exactness: `dequantize(backend="triton")` against `backend="torch"` on the same GPU (NF4/FP4/Int4, double quant
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", default="exact,dequant,quant,small", help="comma list of sections")
     p.add_argument("--tune", action="store_true", help="use the best swept configs for the rest of the run")
-    p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    p.add_argument("--out", default=os.environ.get("OUT", "results/triton"))
     args = p.parse_args(argv)
     import bitsandbytes
     import triton
@@ -337,9 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     if "small" in sections:
         small_batch_table(args.quick, args.tune)
     os.makedirs(args.out, exist_ok=True)
-    atomic_write_text(os.path.join(args.out, "triton_kernels_gpu.md"), "\n".join(LINES) + "\n")
+    atomic_write_text(os.path.join(args.out, "kernels_gpu.md"), "\n".join(LINES) + "\n")
     if rows:
-        path = os.path.join(args.out, "triton_dequant_gpu.csv")
+        path = os.path.join(args.out, "dequant_gpu.csv")
         with open(path + ".tmp", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--device", default="cuda", help="cuda; cpu only to try the script (TRITON_INTERPRET=1)")
-    p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    p.add_argument("--out", default=os.environ.get("OUT", "results/triton"))
     args = p.parse_args(argv)
     import triton
     dtype = torch.bfloat16
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             f"- ours / dense bf16, forward+backward: {d / dense_fb:.2f}x (default), {o / dense_fb:.2f}x (fused)"]
     text = "\n".join(out) + "\n"
     print(text)
-    atomic_write_text(os.path.join(args.out, "triton_layer_gpu.md"), text)
+    atomic_write_text(os.path.join(args.out, "layer_gpu.md"), text)
     return 0
 
 

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_train_speed import build, one_step, set_checkpointing  # noqa: E402
 
-from qlora_tutor import memory as M  # noqa: E402
+from qlora_tutor import measure, memory as M  # noqa: E402
 from qlora_tutor.hardware import versions  # noqa: E402
 from qlora_tutor.paths import atomic_write_text  # noqa: E402
 from qlora_tutor.qlora import QLoRALinear  # noqa: E402
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    p.add_argument("--out", default=os.environ.get("OUT", "results/triton"))
     args = p.parse_args(argv)
     import triton
     shape = M.model_shape(args.model)
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant in ("lora", "qlora-bnb", "qlora-ours"):
         model = build(shape, variant, dtype, "cuda", True, args.r)
         set_checkpointing(model, True)
-        opt = M.make_optimizer([q for q in model.parameters() if q.requires_grad], "adamw_32bit", lr=1e-5)
+        opt = measure.make_optimizer([q for q in model.parameters() if q.requires_grad], "adamw_32bit", lr=1e-5)
         models[variant] = (model, opt)
         print(f"built {variant}: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", flush=True)
     # (variant name, model key, Triton on, one autograd node)
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
               f"- qlora-ours / lora: {o / med['lora (PEFT, bf16 base)']:.2f}x"]
     text = "\n".join(lines) + "\n"
     print(text)
-    atomic_write_text(os.path.join(args.out, "triton_train_gpu.md"), text)
+    atomic_write_text(os.path.join(args.out, "train_gpu.md"), text)
     return 0
 
 

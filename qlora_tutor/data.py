@@ -8,6 +8,7 @@ learners meet most: Alpaca (``instruction``/``input``/``output``) and Guanaco/Op
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -23,34 +24,13 @@ EMBEDDED_DATASETS = ("stories", "qa")
 SPLITS = ("train", "validation", "test")
 
 
-def _data_root() -> Path:
-    try:
-        return paths.data_dir()
-    except FileNotFoundError:
-        return paths.REPO_ROOT / "data"
-
-
-EMBEDDED_MODEL_DIR = _data_root() / "embedded-model"
-
-
-def embedded_model_dir() -> Path:
-    """The folder of the project's own small pretrained Llama (config, safetensors weights, tokenizer)."""
-    path = paths.data_dir() / "embedded-model"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"the embedded model is missing at {path}: rebuild it with `python scripts/pretrain.py` "
-            "(see data/README.md) or pass a hub model id instead."
-        )
-    return path
-
-
-def resolve_dataset(name: str | Path) -> Path | str:
-    """Where a data set lives: an embedded name ('stories', 'qa') or an existing path gives a Path;
-    anything else is returned unchanged and treated as a hub id."""
+def resolve_dataset(name: str | Path, data_root: str | os.PathLike | None = None) -> Path | str:
+    """Where a data set lives: an embedded name ('stories', 'qa', read from `data_root` or data/) or an existing
+    path gives a Path; anything else is returned unchanged and treated as a hub id."""
     if isinstance(name, Path):
         return name
     if name in EMBEDDED_DATASETS:
-        return paths.data_dir() / name
+        return paths.data_dir(data_root) / name
     if Path(name).expanduser().exists():
         return Path(name).expanduser()
     return name
@@ -199,9 +179,10 @@ def ensure_pad_token(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """Prompt token ids starting with BOS when the tokenizer has one (added by its template or by us)."""
-    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+def prompt_ids(tokenizer: Any, instruction: str, input: str = "") -> list[int]:
+    """Token ids of the prompt exactly as training, evaluation and generation see it: the template, with BOS in
+    front when the tokenizer has one (added by its own settings or by us)."""
+    ids = list(tokenizer(format_prompt(instruction, input), add_special_tokens=True)["input_ids"])
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):
         ids = [bos] + ids
@@ -221,7 +202,7 @@ def tokenize_example(example: dict[str, Any], tokenizer: Any, max_length: int = 
     for field in FIELDS:
         if not isinstance(example.get(field, ""), str):
             raise TypeError(f"{where}: field '{field}' must be a string")
-    prompt = _prompt_ids(tokenizer, format_prompt(example["instruction"], example.get("input", "")))
+    prompt = prompt_ids(tokenizer, example["instruction"], example.get("input", ""))
     response = tokenizer(example["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if len(prompt) >= max_length:
         raise ValueError(

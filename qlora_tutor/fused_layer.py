@@ -8,7 +8,7 @@ On a GPU each step is a kernel launch plus Python and autograd bookkeeping, and 
 tokens that bookkeeping costs more time than the arithmetic. Here forward computes the same tensors with the same
 operations under one `autograd.Function`, and backward is written out: the products autograd would form, in the
 same order and layout, so that outputs and gradients keep the same bits (tests compare them). As in
-`qlora._DequantLinear`, the dense weight is not kept: backward dequantizes it again.
+`qlora.DequantLinear`, the dense weight is not kept: backward dequantizes it again.
 """
 
 from __future__ import annotations

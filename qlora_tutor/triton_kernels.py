@@ -393,7 +393,7 @@ def quantize_4bit(flat: torch.Tensor, midpoints: torch.Tensor, order: torch.Tens
 
 # Fused dequantize + matmul for up to SMALL_M tokens. Off (0): on the H200 it measured 213-630 us for one token of a
 # 4096x4096 layer, several times slower than dequantize + cuBLAS (the per-element lookups of the flat index and the
-# tl.dot on a 16-row tile padded from one token; benchmarks/results/triton_kernels_gpu.md). Kept, tested, for study.
+# tl.dot on a 16-row tile padded from one token; results/triton/kernels_gpu.md). Kept, tested, for study.
 SMALL_M = 0
 MATMUL_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=3)
 

@@ -81,6 +81,7 @@ def test_triton_dequantize_matches_bitsandbytes_cpu(quant_type):
     assert_matches_bnb(got, ref, quant_type, q.dequantize(torch.float32, backend="triton"), what="triton")
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, inside the interpreter
 def test_quantize_kernel_reports_nan_and_inf_like_the_pytorch_path():
     w = weight((4, 64), torch.float32, seed=3)
     w[2, 7] = float("nan")

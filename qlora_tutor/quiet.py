@@ -1,0 +1,60 @@
+"""Known, harmless library noise, silenced only where it arises and only while it arises.
+
+Importing a qlora_tutor module changes no logger level and no warning filter; code that calls a noisy library
+wraps that call in `quiet_libraries()`, and `import_bitsandbytes()` imports bitsandbytes without its notice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import sys
+import warnings
+from types import ModuleType
+from typing import Iterator
+
+# On CPUs with AVX512-BF16, importing bitsandbytes 0.50 tries to load an optional CPU kernel through the `kernels`
+# package and logs a warning when that package is missing. Its standard CPU path (used here) does not need it.
+_BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
+@contextlib.contextmanager
+def _logger_level(name: str, level: int) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    old = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
+def import_bitsandbytes() -> ModuleType:
+    """`import bitsandbytes`, without the optional-kernel notice it logs on some CPUs (see above)."""
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    with _logger_level(_BNB_CPU_LOGGER, logging.ERROR):
+        return importlib.import_module("bitsandbytes")
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Inside the block: no FutureWarnings from transformers/PEFT (transformers 5 renamed gradient checkpointing
+    to activation checkpointing and PEFT still calls the old names), no notice about `use_reentrant` (we pass
+    use_reentrant=False explicitly), and no bitsandbytes import notice (transformers and PEFT import it on first
+    use). Everything is restored afterwards."""
+    with warnings.catch_warnings(), _logger_level(_BNB_CPU_LOGGER, logging.ERROR):
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*use_reentrant.*")
+        yield
+
+
+def hide_library_notices() -> None:
+    """For an entry point (a notebook's setup cell): hide, from now on in this process, the harmless notices that
+    `quiet_libraries()` hides inside a block: the gradient-checkpointing renaming FutureWarnings that PEFT
+    triggers in transformers 5, and bitsandbytes' optional-kernel notice (by importing it quietly now). Library
+    code never calls this; only the caller decides to change its own process's warning filters."""
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*use_reentrant.*")
+    import_bitsandbytes()
