@@ -149,10 +149,8 @@ def copy_bandwidth(n: int, quick: bool) -> float:
 
 def dequant_bytes(q, out_dtype: torch.dtype) -> int:
     """Bytes the dequantize must move: the packed codes, the constants, and the output it writes."""
-    const = q.absmax.numel() * q.absmax.element_size()
-    if q.double_quant:
-        const += q.nested_absmax.numel() * 4 + 4
-    return q.packed.numel() + const + q.numel * torch.empty(0, dtype=out_dtype).element_size()
+    return tk.dequantize_bytes(q.numel, q.blocksize, torch.empty(0, dtype=out_dtype).element_size(), q.double_quant,
+                               q.nested_blocksize)
 
 
 def dequantize_tables(quick: bool, rows_csv: list[dict], args_tune: bool = False) -> None:

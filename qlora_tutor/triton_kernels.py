@@ -94,6 +94,19 @@ def check_output_dtype(dtype: torch.dtype, device: torch.device) -> None:
                              "backend='torch'")
 
 
+def dequantize_bytes(n_values: int, blocksize: int, out_bytes: int, double_quant: bool,
+                     nested_blocksize: int = 256) -> int:
+    """The least memory traffic of a dequantize: packed codes and block constants read once, the output written once.
+
+    Codes: half a byte per value. Constants: one fp32 per block, or with double quantization one uint8 per block
+    plus one fp32 per `nested_blocksize` blocks and the fp32 offset. (The 16- and 256-entry tables are left out:
+    they stay in cache.) Divided by the copy bandwidth this is the fastest a dequantize can possibly run.
+    """
+    blocks = -(-n_values // blocksize)
+    constants = blocks + 4 * -(-blocks // nested_blocksize) + 4 if double_quant else 4 * blocks
+    return (n_values + 1) // 2 + constants + n_values * out_bytes
+
+
 def dequantize_reference(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
                          n_values: int, dtype: torch.dtype) -> torch.Tensor:
     """The dequantize formula in plain PyTorch, as notebook 01 writes it: unpack, look up, scale, cast.
