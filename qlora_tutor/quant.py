@@ -531,8 +531,8 @@ def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
 
     `double_quant=True` also quantizes the per-block absmax: subtract the mean, then 8-bit dynamic map in
     blocks of 256 (bitsandbytes' compress_statistics=True), saving about 0.37 bits per parameter.
-    backend: "torch" (the code the notebooks explain), "triton" (one kernel for the 4-bit part: CUDA, or the CPU
-    under TRITON_INTERPRET=1) or "auto" (Triton on CUDA where available); the same bits either way.
+    backend: "torch" (the code the notebooks explain), "triton" (one kernel for the codes, one for the 8-bit
+    constants: CUDA, or the CPU under TRITON_INTERPRET=1) or "auto" (Triton on CUDA where available); same bits.
     """
     _check_weight(w)
     quant_type = check_quant_type(quant_type)
