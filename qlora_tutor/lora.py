@@ -29,8 +29,24 @@ def check_rank_alpha(r: object, alpha: object, dropout: object = 0.0) -> None:
                         "e.g. alpha=16 (the scale applied to B·A is alpha/r).")
     if not math.isfinite(float(alpha)):
         raise ValueError(f"lora alpha must be finite, got {alpha}.")
+    if float(alpha) == 0:
+        raise ValueError("lora alpha 0 makes the scale alpha/r zero: the adapter would add nothing and B would never "
+                         "get a gradient; use alpha > 0, e.g. alpha = r or 2r (16 for r=8).")
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"lora dropout must be a probability in [0, 1), got {dropout!r}; e.g. 0.0, 0.05 or 0.1.")
+
+
+class RankWarning(UserWarning):
+    """r is larger than a layer's smaller side: the extra ranks add parameters but no capacity."""
+
+
+def rank_excess(r: int, in_features: int, out_features: int) -> str | None:
+    """Why rank r wastes parameters on an (out, in) layer, or None: B·A has rank at most min(in, out)."""
+    side = min(int(in_features), int(out_features))
+    if r <= side:
+        return None
+    return (f"r={r} is larger than the layer's smaller side min(in={in_features}, out={out_features}) = {side}: "
+            f"B·A has rank at most {side}, so {r - side} of the ranks add parameters but no capacity; use r <= {side}")
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
@@ -66,6 +82,9 @@ class LoRAAdapterMixin:
         check_rank_alpha(r, alpha, dropout)
         dtype = check_adapter_dtype(dtype)
         self.in_features, self.out_features = int(in_features), int(out_features)
+        excess = rank_excess(int(r), in_features, out_features)
+        if excess:
+            warnings.warn(f"LoRA: {excess}", RankWarning, stacklevel=3)
         self.r, self.alpha, self.use_rslora = int(r), float(alpha), bool(use_rslora)
         self.scaling = lora_scaling(self.r, self.alpha, self.use_rslora)
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, dtype=dtype, device=device))

@@ -9,12 +9,14 @@ to the compute dtype, multiplies, and drops the dense copy; backward dequantizes
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import fused_layer, hardware
-from .lora import LoRAAdapterMixin, LoRALinear, check_adapter_dtype, check_rank_alpha
+from .lora import LoRAAdapterMixin, LoRALinear, RankWarning, check_adapter_dtype, check_rank_alpha, rank_excess
 from .quant import QuantizedTensor, check_blocksize, check_quant_type, quantize
 from .targets import find_linear_targets, output_head_names
 
@@ -235,17 +237,28 @@ def add_adapters(model: nn.Module, target_modules: str | list[str], r: int, alph
     heads = output_head_names(model)
     others = [n for n, m in model.named_modules()
               if isinstance(m, nn.Linear) and n not in targets and n not in heads] if quant_type else []
+    too_small = []
+    for name in targets:
+        layer = model.get_submodule(name)
+        excess = rank_excess(r, layer.in_features, layer.out_features)
+        if excess:
+            too_small.append((name, excess))
+    if too_small:  # one warning for the model, not one per layer
+        warnings.warn(f"LoRA: {len(too_small)} targeted layer(s) are narrower than r, e.g. {too_small[0][0]}: "
+                      f"{too_small[0][1]}", RankWarning, stacklevel=2)
     frozen_before = [(p, p.requires_grad) for p in model.parameters()]
     rng_before = _rng_states()  # A's random init draws from it: a failed call must not shift a retry's numbers
     new: dict[str, nn.Module] = {}
     try:
         for name in targets:
             linear = model.get_submodule(name)
-            if quant_type is None:
-                new[name] = LoRALinear(linear, r, alpha, dropout, use_rslora)  # (freezes the wrapped linear)
-            else:
-                new[name] = QLoRALinear.from_linear(linear, r, alpha, dropout, use_rslora, quant_type, double_quant,
-                                                    blocksize, dtype)
+            with warnings.catch_warnings():  # said once above
+                warnings.simplefilter("ignore", RankWarning)
+                if quant_type is None:
+                    new[name] = LoRALinear(linear, r, alpha, dropout, use_rslora)  # (freezes the wrapped linear)
+                else:
+                    new[name] = QLoRALinear.from_linear(linear, r, alpha, dropout, use_rslora, quant_type,
+                                                        double_quant, blocksize, dtype)
         for name in others:
             new[name] = QuantizedLinear.from_linear(model.get_submodule(name), quant_type, double_quant, blocksize,
                                                     dtype)

@@ -156,6 +156,10 @@ def test_adapter_dtype_fp32_on_16bit_base():
     (8, "16", 0.0, TypeError, "must be a number"),
     (8, None, 0.0, TypeError, "must be a number"),
     (8, float("nan"), 0.0, ValueError, "finite"),
+    (8, float("inf"), 0.0, ValueError, "finite"),
+    (8, 0, 0.0, ValueError, "alpha 0"),
+    (8, -0.0, 0.0, ValueError, "alpha 0"),
+    (8, 16, float("nan"), ValueError, "dropout"),
     (8, 16, 1.0, ValueError, "dropout"),
     (8, 16, -0.1, ValueError, "dropout"),
 ])
@@ -222,3 +226,22 @@ def test_adapter_dtype_must_be_floating_point(adapter_dtype):
 def test_adapter_dtype_by_name_or_dtype():
     assert LoRALinear(nn.Linear(8, 8), 2, 4, adapter_dtype="bf16").lora_A.dtype == torch.bfloat16
     assert LoRALinear(nn.Linear(8, 8), 2, 4, adapter_dtype=torch.float64).lora_B.dtype == torch.float64
+
+
+@pytest.mark.parametrize("r,in_f,out_f,warns", [(9, 8, 16, True), (17, 32, 16, True), (8, 8, 16, False),
+                                                (16, 32, 16, False), (64, 4096, 96, False)])
+def test_a_rank_above_the_layer_is_said(r, in_f, out_f, warns):
+    import warnings
+    from qlora_tutor.lora import RankWarning
+    from qlora_tutor.qlora import QLoRALinear
+    makers = [lambda: LoRALinear(nn.Linear(in_f, out_f), r, 16)]
+    if (in_f * out_f) % 2 == 0:
+        makers.append(lambda: QLoRALinear.from_linear(nn.Linear(in_f, out_f), r, 16, compute_dtype="fp32"))
+    for make in makers:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make()
+        said = [w for w in caught if issubclass(w.category, RankWarning)]
+        assert len(said) == int(warns), [str(w.message) for w in caught]
+        if warns:
+            assert f"use r <= {min(in_f, out_f)}" in str(said[0].message)

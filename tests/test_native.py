@@ -229,8 +229,6 @@ def test_build_is_cached_and_rebuilt_when_missing(tmp_path):
     assert "cached in" in _run(CHECK, **env)
     assert built[0].stat().st_mtime_ns == mtime  # loaded from the cache, not compiled again
     assert sorted(p.name for p in folder.iterdir()) == [".lock", *(p.name for p in built)]  # no temporary files
-    built[0].unlink()
-    assert "built into" in _run(CHECK, **env) and built[0].exists()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="transparent huge pages are a Linux feature")

@@ -509,3 +509,14 @@ def test_a_meta_model_is_refused_and_left_as_it_was():
         add_adapters(model, ["q_proj"], 4, 8, quant_type="nf4", compute_dtype="fp32")
     assert before == ({n: id(m) for n, m in model.named_modules()},
                       {n: p.requires_grad for n, p in model.named_parameters()})
+
+
+def test_add_adapters_says_once_when_r_is_above_some_layers():
+    import warnings
+    from qlora_tutor.lora import RankWarning
+    model = _tiny_llama(layers=2)  # k_proj and v_proj are 96 -> 48: narrower than r = 64
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        add_adapters(model, "all-linear", 64, 64)
+    said = [str(w.message) for w in caught if issubclass(w.category, RankWarning)]
+    assert len(said) == 1 and "4 targeted layer(s)" in said[0] and "use r <= 48" in said[0], said
