@@ -2,8 +2,9 @@
 
 The PyTorch dequantize in `quant.py` is the one the notebooks teach; it needs several memory passes because PyTorch
 has no fused "look up and scale" op. `dequant4.c` does the same arithmetic in one pass (tests hold the two equal bit
-for bit). It is compiled once with the system's C compiler (`$CC`, else cc, gcc or clang), cached per user, and
-loaded with ctypes: no Python or torch headers, no build step at install time. Where there is no compiler (many
+for bit). It is compiled once with the system's C compiler (`$CC`, else cc, gcc or clang), cached in a private
+per-user folder and verified before each load (see "the build cache" below), and loaded with ctypes: no Python or
+torch headers, no build step at install time. Where there is no compiler (many
 Windows and macOS laptops) or the build fails, `available()` is False, `status()` says why, and
 `QuantizedTensor.dequantize` simply uses the PyTorch path: same results, slower.
 
@@ -226,7 +227,8 @@ def _compile(compiler: str, flags: list[str], folder: Path) -> Path:
 
 
 def _build(compiler: str, flags: list[str]) -> tuple[ctypes.CDLL, str]:
-    """The library for this compiler and flags, from the cache or built into it; (library, where it came from)."""
+    """The library for this compiler and flags, from the cache or built into it; (library, where it came from:
+    "cached in <folder>", "built into <folder>" or "not cached: <why>")."""
     name = _lib_name(compiler, flags)
     try:
         dir_fd, folder = _open_cache()
@@ -294,9 +296,10 @@ def _load() -> dict:
             _state.update(lib=None, why=f"native build failed, using the PyTorch path: {error}")
             return _state
         avx512, openmp = bool(lib.qt_has_avx512()), bool(lib.qt_has_openmp())
-        _state.update(lib=lib, fn=lib.qt_dequantize_4bit, avx512=avx512, openmp=openmp,
+        uncached = f"; {where}" if where.startswith("not cached") else ""  # the one case the user should hear of
+        _state.update(lib=lib, fn=lib.qt_dequantize_4bit, avx512=avx512, openmp=openmp, where=where,
                       why=f"built with {Path(compiler).name}; {'AVX-512' if avx512 else 'plain C'} loop, "
-                          f"{'OpenMP threads' if openmp else 'one thread (no OpenMP)'}; {where}")
+                          f"{'OpenMP threads' if openmp else 'one thread (no OpenMP)'}{uncached}")
         return _state
 
 

@@ -226,7 +226,7 @@ def test_build_is_cached_and_rebuilt_when_missing(tmp_path):
     assert [p.suffix for p in built] == [".so" if sys.platform != "darwin" else ".dylib", ".sha256"]
     assert oct(folder.stat().st_mode & 0o777) == "0o700" and not built[0].stat().st_mode & 0o077
     mtime = built[0].stat().st_mtime_ns
-    assert "cached in" in _run(CHECK, **env)
+    assert "cached in" in _run(CHECK + "; print(native._load()['where'])", **env)
     assert built[0].stat().st_mtime_ns == mtime  # loaded from the cache, not compiled again
     assert sorted(p.name for p in folder.iterdir()) == [".lock", *(p.name for p in built)]  # no temporary files
 

@@ -54,7 +54,7 @@ for cache, marker in json.loads(sys.argv[1]):
     native._state.clear()
     try:
         ok = native.available() and native._load()["lib"].qt_has_openmp() == 1
-        print(json.dumps([bool(ok), native.status()]))
+        print(json.dumps([bool(ok), native.status() + " | " + native._load().get("where", "")]))
     except Exception as err:
         print(json.dumps([False, f"{type(err).__name__}: {err}"]))
 """
@@ -167,7 +167,8 @@ def test_concurrent_first_builds_all_get_the_native_library(tmp_path):
     slow.chmod(0o755)
     env = {**{k: v for k, v in os.environ.items() if k != "QLORA_TUTOR_NATIVE"},
            "CC": str(slow), "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    code = STUB_TORCH + "from qlora_tutor import native; print(native.available(), '|', native.status())"
+    code = STUB_TORCH + ("from qlora_tutor import native; "
+                         "print(native.available(), '|', native.status(), '|', native._load()['where'])")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env) for _ in range(6)]
     outs = [p.communicate(timeout=600) for p in procs]
