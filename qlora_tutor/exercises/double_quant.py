@@ -73,7 +73,7 @@ def check_double_quantize(fn: Callable[..., tuple[torch.Tensor, torch.Tensor, to
     return "offset, c1 and the 8-bit codes agree with the package (= bitsandbytes' nested QuantState)"
 
 
-_BITS_CASES = ((2**20, 64, True), (2**20, 64, False), (64 * 256 * 4, 128, True), (2**18, 32, True),
+_BITS_CASES = ((2**18, 64, True), (2**18, 64, False), (128 * 256 * 3, 128, True), (2**17, 32, True),
                (2**18, 256, False))
 
 
