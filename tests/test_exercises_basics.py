@@ -362,3 +362,14 @@ def test_a_crash_in_the_learners_code_is_reported_not_raised(check):
         raise ZeroDivisionError("oops")
     v = check(crash)
     assert v.status == WRONG and ("ZeroDivisionError" in v.message or "Function" in v.message)
+
+
+def test_checks_leave_the_notebooks_random_stream_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    lora.check_lora_forward(LoRA)
+    lora.check_first_step_gradients(lambda: {})
+    nf4.check_quantize_blockwise(quantize_blockwise)
+    qlora_layer.check_dequant_linear(function(fwd, bwd))
+    assert torch.equal(torch.rand(3), expected)

@@ -82,6 +82,12 @@ def _diagnose(y: torch.Tensor, base_out: torch.Tensor, x: torch.Tensor, base: nn
 def check_lora_forward(cls: Callable[..., nn.Module]) -> str:
     """`cls(base, r, alpha)` builds a layer with `base_layer`, `lora_A` (r, in) and `lora_B` (out, r); its forward
     must be base_layer(x) + (alpha / r)·x·Aᵀ·Bᵀ: checked against PEFT at step 0 and with trained-looking A and B."""
+    with torch.random.fork_rng(devices=[]):  # seeded layers, and the notebook's random stream left as it was
+        _check_lora_forward(cls)
+    return "equals PEFT's LoRA layer (output, gradients of x, A and B); at step 0 it is exactly the frozen layer"
+
+
+def _check_lora_forward(cls: Callable[..., nn.Module]) -> None:
     for i, (d_in, d_out, r, alpha, x_shape) in enumerate(_CASES):
         g = torch.Generator().manual_seed(500 + i)
         torch.manual_seed(500 + i)
@@ -128,7 +134,6 @@ def check_lora_forward(cls: Callable[..., nn.Module]) -> str:
             compare(f"gradient of {name}", got, want, rtol=1e-5, atol=1e-6)
         w_grad = getattr(getattr(layer, "base_layer", None), "weight", None)
         expect(w_grad is None or w_grad.grad is None, "the frozen weight got a gradient: it should stay frozen")
-    return "equals PEFT's LoRA layer (output, gradients of x, A and B); at step 0 it is exactly the frozen layer"
 
 
 _CONFIGS = {"B = 0, A random (LoRA's init)": ("random", "zero"), "A = 0, B random": ("zero", "random"),
@@ -137,12 +142,13 @@ _ANSWERS = ("A", "B", "both", "neither")
 
 
 def _measured(a_init: str, b_init: str) -> str:
-    torch.manual_seed(600)
-    layer = LoRALinear(nn.Linear(12, 8), r=3, alpha=6)
-    with torch.no_grad():
-        for p, how in ((layer.lora_A, a_init), (layer.lora_B, b_init)):
-            p.copy_(torch.zeros_like(p) if how == "zero" else torch.randn_like(p))
-    x = torch.randn(5, 12)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(600)
+        layer = LoRALinear(nn.Linear(12, 8), r=3, alpha=6)
+        with torch.no_grad():
+            for p, how in ((layer.lora_A, a_init), (layer.lora_B, b_init)):
+                p.copy_(torch.zeros_like(p) if how == "zero" else torch.randn_like(p))
+        x = torch.randn(5, 12)
     (layer(x) ** 2).sum().backward()
     moved = [n for n, p in (("A", layer.lora_A), ("B", layer.lora_B)) if p.grad.abs().max() > 0]
     return {0: "neither", 2: "both"}.get(len(moved), moved[0] if moved else "neither")
