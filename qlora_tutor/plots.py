@@ -68,6 +68,7 @@ def memory_bars(estimates: Mapping[str, Any], capacity_bytes: float | None = Non
     if ax is None:
         _, ax = _figure((6.5, 3.4))
     from matplotlib.patches import Patch
+    top = 0.0
     order = list(parts or dict.fromkeys(k for k in _COLORS for e in estimates.values() if e.components.get(k, 0) > 0))
     for x, (label, est) in enumerate(estimates.items()):
         bottom = 0.0
@@ -78,11 +79,13 @@ def memory_bars(estimates: Mapping[str, Any], capacity_bytes: float | None = Non
             ax.bar(x, v, bottom=bottom, color=_COLORS.get(k, "#999999"), width=0.6)
             bottom += v
         ax.plot([x - 0.3, x + 0.3], [est.total / GB] * 2, color="black", lw=1.5)
+        top = max(top, bottom, est.total / GB)
         ax.annotate(f"{est.total / GB:.1f} GB", (x, max(bottom, est.total / GB)), ha="center", va="bottom",
                     fontsize=8, xytext=(0, 2), textcoords="offset points")
     if capacity_bytes:
         ax.axhline(capacity_bytes / GB, color="red", ls="--", lw=1, label=f"card ({capacity_bytes / GB:.1f} GB)")
     ax.set_xticks(range(len(estimates)), list(estimates))
+    ax.set_ylim(0, 1.12 * max(top, capacity_bytes / GB if capacity_bytes else 0.0))  # room for the labels
     ax.set_ylabel("GB (1e9 bytes), one scale for all")
     handles = [Patch(color=_COLORS.get(k, "#999999"), label=k.replace("_", " ")) for k in reversed(order)]
     if capacity_bytes:
