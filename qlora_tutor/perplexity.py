@@ -90,7 +90,8 @@ def token_windows(tokenizer: Any, text: str, window: int = 512, max_windows: int
     """The text's tokens cut into non-overlapping windows of `window` tokens (the ragged end is dropped)."""
     if window < 2:
         raise ValueError(f"window must be at least 2 tokens (one to read, one to predict), got {window}")
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])  # longer than
+    # the model's context on purpose: verbose=False silences that warning, the windows are short enough
     n = ids.numel() // window
     if n == 0:
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {window}: give a longer text "

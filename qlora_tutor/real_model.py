@@ -302,7 +302,8 @@ def ensure_model(model: str | os.PathLike = SMOLLM2_135M.name, rebuild: bool = F
                  log: Callable[[str], None] = print) -> Path:
     """The transformers folder of a packaged model ('smollm2-135m') or of a .gguf file, converted on first use.
 
-    A complete cached folder is reused without touching the GGUF again; an incomplete one (an interrupted
+    A .gguf file with a packaged model's checksum is cached under that model's name. A complete cached folder is
+    reused without touching the GGUF again (nor needing its package); an incomplete one (an interrupted
     conversion, a missing or truncated file) is rebuilt. Checks (package installed, checksum, architecture) come
     before any long work.
     """
@@ -322,7 +323,9 @@ def ensure_model(model: str | os.PathLike = SMOLLM2_135M.name, rebuild: bool = F
             raise FileNotFoundError(f"GGUF file {gguf_path} not found; known model names: {sorted(PACKAGED_MODELS)}")
         check_gguf(gguf_path)
         sha, extra = file_sha256(gguf_path), {}
-        dest = cache_folder(sha, gguf_path.stem)
+        known = next((m for m in PACKAGED_MODELS.values() if m.sha256 == sha), None)
+        # the file of a packaged model, copied elsewhere: cached under that model's name, so the name finds it
+        dest = cache_folder(sha, known.name if known else gguf_path.stem)
         problem = cache_problem(dest, sha)
         if problem is None and not rebuild:
             return dest
