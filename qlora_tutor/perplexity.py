@@ -208,6 +208,8 @@ def format_table(rows: Sequence[dict[str, Any]], baseline_label: str | None = No
              "|---|---|---|---|---|"]
     for r in rows:
         label = baseline_label if (baseline_label and r["data_type"] == "baseline") else r["label"]
-        lines.append(f"| {label} | {r['bits_per_param']:.3f} | {r['rel_error']:.4f} | {r['perplexity']:.3f} | "
-                     f"{100 * (r['perplexity'] / base - 1):+.1f}% |")
+        ratio = r["perplexity"] / base
+        change = f"x{ratio:,.0f}" if ratio > 10 else f"{100 * (ratio - 1):+.1f}%"
+        lines.append(f"| {label} | {r['bits_per_param']:.3f} | {r['rel_error']:.4f} | {r['perplexity']:,.3f} | "
+                     f"{change} |")
     return "\n".join(lines)
