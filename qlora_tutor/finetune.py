@@ -83,6 +83,9 @@ def resolve_model(model: str) -> str:
     """'embedded' → the shipped model folder; an existing folder → itself; 'org/name' → a hub id. Else a clear error."""
     if model == "embedded":
         return str(data.embedded_model_dir())
+    from . import real_model
+    if real_model.is_gguf_model(model):  # 'smollm2-135m' or a .gguf file: converted once, then cached
+        return str(real_model.ensure_model(model))
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():

@@ -18,12 +18,8 @@ Scorer = Callable[[dict, str], float]
 
 
 def prompt_ids(tokenizer: Any, instruction: str, input: str = "") -> list[int]:
-    """Token ids of the prompt exactly as training saw them (the template, BOS in front when the tokenizer has one)."""
-    ids = tokenizer(data.format_prompt(instruction, input), add_special_tokens=True)["input_ids"]
-    bos = tokenizer.bos_token_id
-    if bos is not None and (not ids or ids[0] != bos):
-        ids = [bos] + ids
-    return list(ids)
+    """Token ids of the prompt exactly as training saw them (data.prompt_ids: chat template or Alpaca's)."""
+    return data.prompt_ids(tokenizer, instruction, input)
 
 
 @torch.no_grad()
