@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=512, help="batch x sequence length")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--rounds", type=int, default=None, help="default 30 on CUDA, 5 on CPU")
-    p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    p.add_argument("--out", default=os.environ.get("OUT", "results"))
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from qlora_tutor import memory as M
+from qlora_tutor import measure, memory as M
 from qlora_tutor.hardware import versions
 from qlora_tutor.paths import atomic_write_text
 
@@ -32,13 +32,13 @@ def build(shape: M.ModelShape, variant: str, dtype: torch.dtype, device: str, gc
     """One model per variant, random weights of `shape`, set up for training."""
     if variant != "qlora-ours":
         method = variant.split("-")[0]
-        return M.build_training_model(shape, method, dtype=dtype, lora_r=r, gradient_checkpointing=gc_on,
+        return measure.build_training_model(shape, method, dtype=dtype, lora_r=r, gradient_checkpointing=gc_on,
                                       device=device)
     from transformers import AutoModelForCausalLM
     from qlora_tutor.qlora import add_adapters
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(M.llama_config(shape), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(measure.llama_config(shape), dtype=dtype)
     add_adapters(model, "all-linear", r=r, alpha=16, quant_type="nf4", double_quant=True, compute_dtype=dtype)
     set_checkpointing(model, gc_on)
     return model
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--variants", default="full,lora,qlora-bnb,qlora-ours")
     p.add_argument("--grad-ckpt", default="off,on")
-    p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    p.add_argument("--out", default=os.environ.get("OUT", "results"))
     args = p.parse_args(argv)
     dtype_name = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as err:  # e.g. qlora_tutor.qlora missing in an old checkout
             print(f"skip {variant}: {err}")
             continue
-        opt = M.make_optimizer([p for p in model.parameters() if p.requires_grad], "adamw_32bit", lr=1e-5)
+        opt = measure.make_optimizer([p for p in model.parameters() if p.requires_grad], "adamw_32bit", lr=1e-5)
         models[variant] = (model, opt)
     # round-robin: every round times each variant once with checkpointing off and once on, so a machine whose
     # load changes during the run slows all of them alike

@@ -6,7 +6,7 @@ QLoRA (the same on a bitsandbytes NF4 + double-quantization base), each with and
 batch 1 x seq 512. On CUDA the peak is torch.cuda.max_memory_allocated over 2 steps; on CPU (for testing the
 script with --models tiny) it is the tracked tensor peak. Writes memory_<device>.csv and .md to --out.
 
-    python benchmarks/measure_memory_gpu.py --out benchmarks/results            # on a GPU
+    python benchmarks/measure_memory_gpu.py --out results            # on a GPU
     python benchmarks/measure_memory_gpu.py --device cpu --models tiny --seq-len 64 --out /tmp
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import platform
@@ -23,8 +24,9 @@ import time
 
 import torch
 
-from qlora_tutor import memory as M
+from qlora_tutor import measure, memory as M
 from qlora_tutor.hardware import versions
+from qlora_tutor.paths import atomic_write_text
 
 TINY = M.ModelShape("tiny", 128, 352, 2, 4, 2, 1000, tied_embeddings=True, qkv_bias=True)
 
@@ -55,19 +57,19 @@ def run_cell(shape: M.ModelShape, method: str, gc_on: bool, args) -> dict:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     baseline = torch.cuda.memory_allocated() if args.device == "cuda" else 0
     t0 = time.time()
-    model = M.build_training_model(shape, method, dtype=dtype, lora_r=args.r, lora_alpha=16,
+    model = measure.build_training_model(shape, method, dtype=dtype, lora_r=args.r, lora_alpha=16,
                                    gradient_checkpointing=gc_on, device=args.device)
     build_s = time.time() - t0
     if args.device == "cuda":
         torch.cuda.synchronize()
     t1 = time.time()
-    got = M.measure(model, batch_size=args.batch, seq_len=args.seq_len, steps=2, optimizer="adamw_32bit")
+    got = measure.measure(model, batch_size=args.batch, seq_len=args.seq_len, steps=2, optimizer="adamw_32bit")
     step_s = (time.time() - t1) / 2
     saved = None
     if not gc_on:  # what autograd saves in one forward (independent count, compared with the estimate's).
         # After measure(): on the H200 (transformers 5.17) this probe's graph stayed allocated afterwards.
         ids = torch.randint(0, shape.vocab, (args.batch, args.seq_len), device=args.device)
-        saved = M.saved_activation_bytes(model, ids)
+        saved = measure.saved_activation_bytes(model, ids)
     est = M.estimate(shape, method, weight_dtype=args.dtype, lora_r=args.r, batch_size=args.batch,
                      seq_len=args.seq_len, gradient_checkpointing=gc_on, optimizer="adamw_32bit",
                      device=args.device)
@@ -94,14 +96,13 @@ def run_cell(shape: M.ModelShape, method: str, gc_on: bool, args) -> dict:
 
 def write_tables(rows: list[dict], header: str, args) -> list[str]:
     """memory_<device>.csv (every number) and .md (the table), written atomically."""
-    os.makedirs(args.out, exist_ok=True)
     fields = list(dict.fromkeys(k for r in rows for k in r))
     base = os.path.join(args.out, f"memory_{args.device}")
-    with open(base + ".csv.tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(base + ".csv.tmp", base + ".csv")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\r\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(base + ".csv", buf.getvalue())
     cols = ["model", "method", "grad_ckpt", "measured_gb", "estimate_gb", "error_pct", "weights_measured_gb",
             "optimizer_measured_gb", "saved_act_measured_gb", "saved_act_estimate_gb", "step_s"]
     lines = ["# Peak training memory: measured vs estimated", "", *[f"- {ln}" for ln in header.splitlines()], "",
@@ -109,9 +110,7 @@ def write_tables(rows: list[dict], header: str, args) -> list[str]:
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
     worst = max((abs(r["error_pct"]) for r in rows if "error_pct" in r), default=float("nan"))
     lines += ["", f"Largest |error|: {worst}% (GB = 1e9 bytes)."]
-    with open(base + ".md.tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(base + ".md.tmp", base + ".md")
+    atomic_write_text(base + ".md", "\n".join(lines) + "\n")
     return lines
 
 
@@ -124,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--r", type=int, default=64)
-    p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    p.add_argument("--out", default=os.environ.get("OUT", "results"))
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: model:method:gc, prints a JSON row
     args = p.parse_args(argv)
     if args.one:

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # QLoRA on one GPU vs data parallel (DDP) and FSDP on two: throughput and per-GPU peak memory, for notebook 08.
 #
-# Needs a machine with at least 2 CUDA GPUs and bitsandbytes installed (on the project's device machine, start
-# the command with the bitsandbytes preamble from .helpers/COMMON.md, then: bash benchmarks/multi_gpu.sh).
+# Needs a machine with at least 2 CUDA GPUs and bitsandbytes installed (benchmarks/README.md says how to carry
+# it to a machine without network), then: bash benchmarks/multi_gpu.sh.
 # Everything is offline: the base model is a random-weight Llama of TinyLlama-1.1B's shape (hidden 2048,
 # 22 layers, MLP 5632, 32 heads / 4 KV heads) built here with the embedded model's tokenizer; random weights
 # cost the same memory and time as trained ones. Data: the embedded stories.
 #
-# Writes to $OUT (default benchmarks/results/multi_gpu_run): multi_gpu.md (the table), one log per case,
-# nvidia-smi samples. Copy the table into benchmarks/results/multi_gpu.md with the machine and versions.
+# Writes to $OUT (default results/multi_gpu_run): multi_gpu.md (the table), one log per case,
+# nvidia-smi samples. Copy the table into results/multi_gpu.md with the machine and versions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-benchmarks/results/multi_gpu_run}
+OUT=${OUT:-results/multi_gpu_run}
 PY=${PYTHON:-python3}
 WORK=${WORK:-/tmp/qlora-tutor-multi-gpu}
 STEPS=${STEPS:-40}

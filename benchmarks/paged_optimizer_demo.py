@@ -37,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
               "state on CPU). Nothing to show here; see the docstring for what the GPU run shows.")
         return 0
     import bitsandbytes as bnb
-    import bitsandbytes.functional as F
 
     lines: list[str] = []
 

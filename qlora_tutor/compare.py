@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import shutil
 import statistics
 import subprocess
@@ -24,54 +23,51 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import finetune, hardware
+from . import finetune, hardware, paths
+from .config import FinetuneConfig
+from .paths import atomic_write_text
 
-# name → settings that differ from the finetune defaults. Full fine-tuning gets its own, lower learning rate
-# (as in the paper, which re-tuned its full fine-tuning baselines); everything else shares data and budget.
-METHODS: dict[str, dict[str, Any]] = {
-    "full_fp32": {"method": "full", "learning_rate": 3e-4},
-    "lora_fp32": {"method": "lora"},
-    "qlora_nf4_dq": {"method": "qlora", "quant_type": "nf4", "double_quant": True},
-    "qlora_nf4": {"method": "qlora", "quant_type": "nf4", "double_quant": False},
-    "qlora_fp4": {"method": "qlora", "quant_type": "fp4", "double_quant": False},
-    "qlora_nf4_dq_qv": {"method": "qlora", "quant_type": "nf4", "double_quant": True, "target_modules": "q_proj,v_proj"},
-}
-DESCRIPTION = {
-    "full_fp32": "full fine-tuning, fp32 weights",
-    "lora_fp32": "LoRA, all linear, fp32 base",
-    "qlora_nf4_dq": "QLoRA NF4 + double quant, all linear",
-    "qlora_nf4": "QLoRA NF4, all linear",
-    "qlora_fp4": "QLoRA FP4, all linear",
-    "qlora_nf4_dq_qv": "QLoRA NF4 + DQ, q_proj,v_proj only",
+# The variants compared: name → (settings that differ from the finetune defaults, description). Full fine-tuning
+# gets its own, lower learning rate (as in the paper, which re-tuned its full fine-tuning baselines); everything
+# else shares data and budget.
+VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
+    "full_fp32": ({"method": "full", "learning_rate": 3e-4}, "full fine-tuning, fp32 weights"),
+    "lora_fp32": ({"method": "lora"}, "LoRA, all linear, fp32 base"),
+    "qlora_nf4_dq": ({"method": "qlora", "quant_type": "nf4", "double_quant": True},
+                     "QLoRA NF4 + double quant, all linear"),
+    "qlora_nf4": ({"method": "qlora", "quant_type": "nf4", "double_quant": False}, "QLoRA NF4, all linear"),
+    "qlora_fp4": ({"method": "qlora", "quant_type": "fp4", "double_quant": False}, "QLoRA FP4, all linear"),
+    "qlora_nf4_dq_qv": ({"method": "qlora", "quant_type": "nf4", "double_quant": True,
+                         "target_modules": "q_proj,v_proj"}, "QLoRA NF4 + DQ, q_proj,v_proj only"),
 }
 REFERENCE = "qlora_nf4_dq"
 _KEEP = ("loss", "score", "trainable_params", "weight_bytes", "peak_memory_mb", "train_seconds")
 
 
-def method_config(name: str, seed: int, **overrides: Any) -> finetune.FinetuneConfig:
+def method_config(name: str, seed: int, **overrides: Any) -> FinetuneConfig:
     """The finetune config of one comparison run (no checkpoints, nothing saved)."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}: choose from {list(METHODS)}")
-    settings = {**METHODS[name], **overrides, "seed": seed, "save_steps": 0}
+    if name not in VARIANTS:
+        raise ValueError(f"unknown method {name!r}: choose from {list(VARIANTS)}")
+    settings = {**VARIANTS[name][0], **overrides, "seed": seed, "save_steps": 0}
     if "steps" in settings:
         settings["max_steps"] = settings.pop("steps")
-    return finetune.FinetuneConfig(**settings)
+    return FinetuneConfig(**settings)
 
 
-def run_one(cfg: finetune.FinetuneConfig) -> dict[str, Any]:
-    """Train and evaluate one configuration; the numbers the table needs."""
-    m = finetune.run(cfg, save=False, eval_before=False, progress="none", log=lambda s: None)
+def run_one(cfg: FinetuneConfig, data_root: str | None = None) -> dict[str, Any]:
+    """Train and evaluate one configuration (embedded model and data read from `data_root`); the table's numbers."""
+    m = finetune.run(cfg, save=False, eval_before=False, progress="none", log=lambda s: None, data_root=data_root)
     return {"loss": m["after"]["loss"], "score": m["after"]["score"], "trainable_params": m["trainable_params"],
             "weight_bytes": m["weight_bytes_stored"], "peak_memory_mb": m["peak_memory_bytes"] / 2**20,
             "train_seconds": m["train_seconds"]}
 
 
-def _run_isolated(cfg: finetune.FinetuneConfig) -> dict[str, Any]:
+def _run_isolated(cfg: FinetuneConfig, data_root: str | None) -> dict[str, Any]:
     """`run_one` in a fresh Python process, so each run's peak memory is its own."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        proc = subprocess.run([sys.executable, "-m", "qlora_tutor.compare", json.dumps(asdict(cfg)), str(out)],
-                              capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "qlora_tutor.compare", json.dumps(asdict(cfg)), str(out),
+                               data_root or ""], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"compare run failed ({cfg.method}, seed {cfg.seed}):\n{proc.stderr[-3000:]}")
         return json.loads(out.read_text())
@@ -90,19 +86,19 @@ def _fingerprint(paths: Sequence[Path]) -> str:
 @contextlib.contextmanager
 def frozen_inputs(model: str, data: str):
     """Copy the model and data to a private folder for the whole comparison, so every run trains on the same
-    files even if someone rebuilds data/ meanwhile. Yields (model, data, fingerprint) to use for the runs."""
-    from . import data as data_module, paths
+    files even if someone rebuilds data/ meanwhile. Yields (model, data, data_root, fingerprint) for the runs:
+    'embedded', 'stories' and 'qa' keep their names and are read from `data_root`, the copy."""
+    from . import data as data_module
     tmp = Path(tempfile.mkdtemp(prefix="qlora-tutor-compare-"))
-    old_env = os.environ.get("QLORA_TUTOR_DATA")
     try:
-        sources, model_arg, data_arg = [], model, data
-        if model == "embedded" or data in data_module.EMBEDDED_DATASETS:
+        sources, model_arg, data_arg, data_root = [], model, data, None
+        embedded = (["embedded-model"] if model == "embedded" else []) + (
+            [data] if data in data_module.EMBEDDED_DATASETS else [])
+        if embedded:
             root = paths.data_dir()
-            for name in (["embedded-model"] if model == "embedded" else []) + (
-                    [data] if data in data_module.EMBEDDED_DATASETS else []):
-                shutil.copytree(root / name, tmp / name)
-                sources.append(tmp / name)
-            os.environ["QLORA_TUTOR_DATA"] = str(tmp)  # 'embedded', 'stories', 'qa' now resolve to the copies
+            for name in embedded:
+                sources.append(Path(shutil.copytree(root / name, tmp / name)))
+            data_root = str(tmp)
         if model != "embedded" and Path(model).exists():
             model_arg = str(shutil.copytree(model, tmp / "model"))
             sources.append(Path(model_arg))
@@ -110,12 +106,8 @@ def frozen_inputs(model: str, data: str):
             src = Path(data)
             data_arg = str(shutil.copytree(src, tmp / "data") if src.is_dir() else shutil.copy(src, tmp / src.name))
             sources.append(Path(data_arg))
-        yield model_arg, data_arg, _fingerprint(sources) if sources else f"{model}|{data}"
+        yield model_arg, data_arg, data_root, _fingerprint(sources) if sources else f"{model}|{data}"
     finally:
-        if old_env is None:
-            os.environ.pop("QLORA_TUTOR_DATA", None)
-        else:
-            os.environ["QLORA_TUTOR_DATA"] = old_env
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -127,7 +119,8 @@ def summarize(rows: Sequence[dict[str, Any]], reference: str = REFERENCE) -> lis
         by_method.setdefault(r["method"], []).append(r)
     out = []
     for name, runs in by_method.items():
-        s: dict[str, Any] = {"method": name, "description": DESCRIPTION.get(name, name), "seeds": len(runs)}
+        s: dict[str, Any] = {"method": name, "description": VARIANTS[name][1] if name in VARIANTS else name,
+                             "seeds": len(runs)}
         for key in _KEEP:
             vals = [r[key] for r in runs if r.get(key) is not None and not _isnan(r[key])]
             s[f"{key}_mean"] = statistics.fmean(vals) if vals else None
@@ -186,7 +179,7 @@ def run_compare(output: str | Path, seeds: Sequence[int] = (0, 1, 2), methods: S
     """
     from . import plots
     from tqdm.std import tqdm
-    methods = list(methods or METHODS)
+    methods = list(methods or VARIANTS)
     for name in methods:
         method_config(name, 0)  # unknown names fail here, before any training
     if len(seeds) < 2:
@@ -202,7 +195,7 @@ def run_compare(output: str | Path, seeds: Sequence[int] = (0, 1, 2), methods: S
             done[(r["method"], r["seed"])] = r
     rows = []
     jobs = [(name, seed) for name in methods for seed in seeds]
-    with frozen_inputs(model, data) as (model_arg, data_arg, fingerprint):
+    with frozen_inputs(model, data) as (model_arg, data_arg, data_root, fingerprint):
         for name, seed in tqdm(jobs, desc="compare", unit="run"):
             cfg = method_config(name, seed, model=model_arg, data=data_arg, **overrides)
             settings = {**asdict(cfg), "model": model, "data": data, "inputs_fingerprint": fingerprint}
@@ -210,7 +203,7 @@ def run_compare(output: str | Path, seeds: Sequence[int] = (0, 1, 2), methods: S
                 rows.append(done[(name, seed)])
                 continue
             t = time.time()
-            result = _run_isolated(cfg) if isolate else run_one(cfg)
+            result = _run_isolated(cfg, data_root) if isolate else run_one(cfg, data_root)
             row = {"method": name, "seed": seed, **result, "wall_seconds": time.time() - t, "config": settings}
             rows.append(row)
             with done_file.open("a") as f:
@@ -218,15 +211,15 @@ def run_compare(output: str | Path, seeds: Sequence[int] = (0, 1, 2), methods: S
             log(f"{name} seed {seed}: loss {row['loss']:.4f} score {row['score']} ({row['wall_seconds']:.0f} s)")
     summary = summarize(rows)
     flat = [{k: v for k, v in r.items() if k != "config"} for r in rows]
-    finetune.atomic_write_text(out / "runs.csv", _csv(flat))
-    finetune.atomic_write_text(out / "compare.csv", _csv(summary))
+    atomic_write_text(out / "runs.csv", _csv(flat))
+    atomic_write_text(out / "compare.csv", _csv(summary))
     base = method_config(REFERENCE, 0, model=model, data=data, **overrides)
     note = (f"Machine: {hardware.detect()}. Versions: {hardware.versions()}.\n"
             f"Inputs: model {model}, data {data}, copied once for all runs; fingerprint {fingerprint} "
             "(sha256 of their files, first 16 hex digits).\n"
             f"Same data ({data}) and budget for every method: {base.max_steps} steps × batch {base.batch_size}, "
             f"max_length {base.max_length}, lr {base.learning_rate} (full fine-tuning: "
-            f"{METHODS['full_fp32']['learning_rate']}), LoRA r {base.r}, alpha {base.lora_alpha}, dropout "
+            f"{VARIANTS['full_fp32'][0]['learning_rate']}), LoRA r {base.r}, alpha {base.lora_alpha}, dropout "
             f"{base.lora_dropout}; seeds {list(seeds)}. Loss on {base.eval_examples} held-out examples, score on "
             f"{base.generate_examples} held-out prompts (greedy, {base.max_new_tokens} new tokens).\n"
             "Weight MB: the model's weights as stored in memory (4-bit codes + constants; other weights fp32 on "
@@ -234,13 +227,20 @@ def run_compare(output: str | Path, seeds: Sequence[int] = (0, 1, 2), methods: S
             "'beyond spread' = |Δ mean| > std_method + std_reference (the mean ± std intervals do not overlap).\n"
             "Train seconds and peak memory depend on what else runs on the machine: on a shared CPU they vary more "
             "between runs than between methods.\n")
-    finetune.atomic_write_text(out / "compare.md", "# Method comparison\n\n" + markdown_table(summary) + "\n" + note)
+    atomic_write_text(out / "compare.md", "# Method comparison\n\n" + markdown_table(summary) + "\n" + note)
     plots.comparison(summary, out / "compare.png")
     log(markdown_table(summary))
     log(f"written: {out / 'compare.md'}, {out / 'compare.csv'}, {out / 'runs.csv'}, {out / 'compare.png'}")
     return summary
 
 
-if __name__ == "__main__":  # worker: python -m qlora_tutor.compare '<config json>' result.json
-    _cfg = finetune.FinetuneConfig(**json.loads(sys.argv[1]))
-    Path(sys.argv[2]).write_text(json.dumps(run_one(_cfg)))
+def main(argv: Sequence[str] | None = None) -> int:
+    """The worker of one isolated run: python -m qlora_tutor.compare '<config json>' result.json [data_root]."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    cfg = FinetuneConfig(**json.loads(args[0]))
+    atomic_write_text(args[1], json.dumps(run_one(cfg, args[2] if len(args) > 2 and args[2] else None)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -8,6 +8,7 @@ learners meet most: Alpaca (``instruction``/``input``/``output``) and Guanaco/Op
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -23,34 +24,13 @@ EMBEDDED_DATASETS = ("stories", "qa")
 SPLITS = ("train", "validation", "test")
 
 
-def _data_root() -> Path:
-    try:
-        return paths.data_dir()
-    except FileNotFoundError:
-        return paths.REPO_ROOT / "data"
-
-
-EMBEDDED_MODEL_DIR = _data_root() / "embedded-model"
-
-
-def embedded_model_dir() -> Path:
-    """The folder of the project's own small pretrained Llama (config, safetensors weights, tokenizer)."""
-    path = paths.data_dir() / "embedded-model"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"the embedded model is missing at {path}: rebuild it with `python scripts/pretrain.py` "
-            "(see data/README.md) or pass a hub model id instead."
-        )
-    return path
-
-
-def resolve_dataset(name: str | Path) -> Path | str:
-    """Where a data set lives: an embedded name ('stories', 'qa') or an existing path gives a Path;
-    anything else is returned unchanged and treated as a hub id."""
+def resolve_dataset(name: str | Path, data_root: str | os.PathLike | None = None) -> Path | str:
+    """Where a data set lives: an embedded name ('stories', 'qa', read from `data_root` or data/) or an existing
+    path gives a Path; anything else is returned unchanged and treated as a hub id."""
     if isinstance(name, Path):
         return name
     if name in EMBEDDED_DATASETS:
-        return paths.data_dir() / name
+        return paths.data_dir(data_root) / name
     if Path(name).expanduser().exists():
         return Path(name).expanduser()
     return name

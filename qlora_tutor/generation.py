@@ -17,11 +17,6 @@ from . import data
 Scorer = Callable[[dict, str], float]
 
 
-def prompt_ids(tokenizer: Any, instruction: str, input: str = "") -> list[int]:
-    """Token ids of the prompt exactly as training saw them (data.prompt_ids: chat template or Alpaca's)."""
-    return data.prompt_ids(tokenizer, instruction, input)
-
-
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, examples: Sequence[dict], max_new_tokens: int = 96,
              batch_size: int = 16, progress: bool = False) -> list[str]:
@@ -32,7 +27,7 @@ def generate(model: Any, tokenizer: Any, examples: Sequence[dict], max_new_token
     device = next(model.parameters()).device
     answers: list[str] = []
     for start in tqdm(range(0, len(examples), batch_size), desc="generating", disable=not progress):
-        chunk = [prompt_ids(tokenizer, ex["instruction"], ex.get("input", "")) for ex in examples[start:start + batch_size]]
+        chunk = [data.prompt_ids(tokenizer, ex["instruction"], ex.get("input", "")) for ex in examples[start:start + batch_size]]
         width = max(len(c) for c in chunk)
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(c)) + c for c in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=device)
@@ -66,13 +61,11 @@ def heldout_loss(model: Any, tokenizer: Any, examples: Sequence[dict], max_lengt
 
 
 def scorer_for(dataset: str) -> Scorer | None:
-    """The automatic score for a data set: the embedded 'stories' and 'qa' sets have one; others do not."""
-    if str(dataset) not in ("stories", "qa"):
+    """The automatic score for a data set: each embedded data set has one (score.SCORERS); others have none."""
+    if str(dataset) not in data.EMBEDDED_DATASETS:
         return None
     from . import score
-    if str(dataset) == "stories":
-        return lambda ex, answer: score.instruction_score(ex["instruction"], answer)
-    return lambda ex, answer: score.qa_score(ex["instruction"], ex.get("input", ""), answer)
+    return score.SCORERS[str(dataset)]
 
 
 def evaluate(model: Any, tokenizer: Any, examples: Sequence[dict], scorer: Scorer | None,

@@ -13,11 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-_DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}
+from .config import canonical_dtype
 
 
 @dataclass(frozen=True)
@@ -48,10 +44,7 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
         if name not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"compute dtype must be float32, float16 or bfloat16, not {name}")
         return name
-    key = str(name).lower().replace("torch.", "")
-    if key not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}: use one of 'bf16', 'fp16' or 'fp32'")
-    return _DTYPES[key]
+    return getattr(torch, canonical_dtype(name))
 
 
 def compute_dtype(requested: str | torch.dtype | None = None, info: DeviceInfo | None = None) -> torch.dtype:

@@ -1,33 +1,30 @@
-"""How much GPU memory a fine-tune needs: an estimate from the model's shape, and a measurement.
+"""How much GPU memory a fine-tune needs, estimated from the model's shape: the calculator (no torch needed).
 
 `estimate()` adds up, byte by byte, what a training step keeps on the GPU for full fine-tuning, LoRA and QLoRA:
 frozen weights, quantization constants, adapters, gradients, optimizer state and activations (modelled op by op
 for a Llama-style decoder using PyTorch SDPA attention and the fp32 loss). It predicts the allocator's peak
 (`torch.cuda.max_memory_allocated`), which was checked against measured peaks on an H200
-(benchmarks/results/memory_gpu.md). `measure()` runs real training steps and reports what was actually used.
+(results/memory_cuda.md). `per_gpu_memory()` does the same arithmetic for one GPU among several (DDP, FSDP).
+Measuring is in `measure.py`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import resource
-import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Sequence
 
-import torch
+from . import targets as lora_targets_rule
+from .config import BNB_QUANT_TYPES, METHODS, dtype_bytes
 
 GB = 1e9  # reports use decimal gigabytes, as GPU vendors and the QLoRA paper do
+GIB = 2**30  # cards are sold in GiB: a "24 GB" RTX 3090/4090 holds 24 GiB = 25.8e9 bytes
 CUDA_CONTEXT_BYTES = int(0.6 * GB)  # driver context + kernels: on the card, NOT in max_memory_allocated
 CUBLAS_WORKSPACE_BYTES = 64 * 2**20  # cuBLAS/cuBLASLt workspaces come from the caching allocator: counted
 
-METHODS = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw_32bit", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
-_QUANT_TYPES = ("nf4", "fp4")
+STRATEGIES = ("single", "ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -149,25 +146,17 @@ def _optimizer_bytes(numels: list[int], optimizer: str) -> int:
     return total
 
 
+# The linear layers of one Llama-style decoder layer, by their module path inside the layer (as transformers
+# names them), so that LoRA targets are selected here by the same rule as in a real model (targets.py).
+LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
 def lora_target_names(lora_targets: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """The linear-layer names LoRA adapts: 'all-linear' or a list of names from LINEAR_NAMES, checked."""
-    if isinstance(lora_targets, str):
-        if lora_targets == "all-linear":
-            return LINEAR_NAMES
-        lora_targets = [lora_targets]
-    bad = [t for t in lora_targets if t not in LINEAR_NAMES]
-    if bad or not lora_targets:
-        raise ValueError(f"unknown LoRA target(s) {bad or lora_targets}: use 'all-linear' or names from "
-                         f"{', '.join(LINEAR_NAMES)}")
-    return tuple(lora_targets)
-
-
-def dtype_bytes(name: str, what: str = "dtype") -> int:
-    """Bytes per value of 'bf16', 'fp16' or 'fp32' (also 'torch.bfloat16' ...); `what` names it in the error."""
-    key = str(name).lower().replace("torch.", "")
-    if key not in _DTYPE_BYTES:
-        raise ValueError(f"unknown {what} {name!r}: use 'bf16', 'fp16' or 'fp32'")
-    return _DTYPE_BYTES[key]
+    """Short names (q_proj, ...) of the layers `lora_targets` selects in every decoder layer, by PEFT's rule:
+    'all-linear', or names such as 'q_proj' or 'self_attn.q_proj'. An entry that selects nothing is an error."""
+    chosen = lora_targets_rule.select(LAYER_LINEARS, lora_targets, what="Llama-style decoder layer")
+    return tuple(path.rsplit(".", 1)[-1] for path in chosen)
 
 
 @dataclass
@@ -212,23 +201,39 @@ def format_report(title: str, rows: list[tuple[str, float, str]], notes: list[st
     return "\n".join(lines)
 
 
-def estimate(config: Any, method: str, *, weight_dtype: str = "bf16", quant_type: str = "nf4",
-             double_quant: bool = True, lora_r: int = 64, lora_targets: str | list[str] = "all-linear",
-             adapter_dtype: str = "fp32", batch_size: int = 1, seq_len: int = 512,
-             gradient_checkpointing: bool = True, optimizer: str = "adamw_32bit",
-             master_weights: bool = False, device: str = "cuda") -> MemoryEstimate:
-    """Predict the peak memory of a training step of `method` ('full', 'lora' or 'qlora') for a decoder config.
+@dataclass(frozen=True)
+class _Step:
+    """The validated settings of one training step, in the letters the formulas use."""
 
-    weight_dtype is the dtype of the (non-quantized) weights and of the computation; adapters are fp32 by default
-    (PEFT upcasts them); full fine-tuning keeps gradients in weight_dtype and AdamW state in fp32 (optionally an
-    fp32 master copy). device='cpu' skips the cuBLAS workspace so the estimate matches a CPU tensor count.
-    """
+    shape: ModelShape
+    method: str
+    e: int                      # bytes per value of the weights and the computation
+    a: int                      # bytes per value of the adapters
+    r: int
+    targets: tuple[str, ...]    # short names of the adapted linear layers (empty for full fine-tuning)
+    tokens: int                 # batch_size * seq_len
+    quant_type: str
+    double_quant: bool
+    gradient_checkpointing: bool
+    optimizer: str
+    master_weights: bool
+    device: str
+
+    @property
+    def full(self) -> bool:
+        return self.method == "full"
+
+
+def _step(config: Any, method: str, weight_dtype: str, quant_type: str, double_quant: bool, lora_r: int,
+          lora_targets: str | list[str], adapter_dtype: str, batch_size: int, seq_len: int,
+          gradient_checkpointing: bool, optimizer: str, master_weights: bool, device: str) -> _Step:
+    """Check every setting once, with an error that says what to use instead."""
     shape = model_shape(config)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
-    if quant_type not in _QUANT_TYPES:
+    if quant_type not in BNB_QUANT_TYPES:
         raise ValueError(f"unknown quant_type {quant_type!r}: use 'nf4' or 'fp4'")
     for name, val in (("batch_size", batch_size), ("seq_len", seq_len)):
         if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
@@ -243,56 +248,66 @@ def estimate(config: Any, method: str, *, weight_dtype: str = "bf16", quant_type
             if name in targets and lora_r > min(fi, fo):
                 raise ValueError(f"lora_r={lora_r} is larger than {name}'s smallest side min({fi}, {fo}) = "
                                  f"{min(fi, fo)}: a rank-r update of that layer needs r <= {min(fi, fo)}")
+    return _Step(shape, method, e, a, lora_r, targets, batch_size * seq_len, quant_type, double_quant,
+                 gradient_checkpointing, optimizer, master_weights, device)
 
-    h, i, L, V, T, r = shape.hidden, shape.intermediate, shape.layers, shape.vocab, batch_size * seq_len, lora_r
-    qd, kvd, nh = shape.heads * shape.d, shape.kv_heads * shape.d, shape.heads
+
+def _weight_part(s: _Step) -> dict[str, Any]:
+    """What stays allocated all step long, and the gradients: weights (4-bit codes + constants for QLoRA),
+    adapters, gradients and optimizer state, in bytes; plus the trainable numels they come from."""
+    shape, e, a, r, L = s.shape, s.e, s.a, s.r, s.shape.layers
+    h, V = shape.hidden, shape.vocab
     linears = shape.linears()
-
-    # ---- weights -------------------------------------------------------------------------------------------
     lin_w = sum(fi * fo for _, fi, fo, _ in linears)
     biases = sum(fo for _, _, fo, b in linears if b)
     other = (2 * h) * L + h + V * h * (1 if shape.tied_embeddings else 2)  # norms + embeddings (+ lm_head)
     buffers = 2 * (shape.d // 2) * 4  # rotary inv_freq and original_inv_freq, fp32
     quant_consts = 0
-    if method == "qlora":
+    if s.method == "qlora":
         packed, consts = 0, 0
         for _, fi, fo, _ in linears:
-            p_, c_ = quantized_bytes(fi * fo, quant_type, double_quant)
+            p_, c_ = quantized_bytes(fi * fo, s.quant_type, s.double_quant)
             packed, consts = packed + p_, consts + c_
         quant_consts = L * consts
         frozen = L * packed + (L * biases + other) * e + buffers
-    elif method == "lora":
+    elif s.method == "lora":
         frozen = (L * (lin_w + biases) + other) * e + buffers
     else:
         frozen = buffers
     n_all = L * (lin_w + biases) + other
-
-    adapter_numels = [n for name, fi, fo, _ in linears if name in targets for n in (r * fi, fo * r)] * L
+    adapter_numels = [n for name, fi, fo, _ in linears if name in s.targets for n in (r * fi, fo * r)] * L
     adapters = a * sum(adapter_numels)
-
-    if method == "full":
+    if s.full:
         trainable = n_all * e
         full_numels = [fi * fo for _, fi, fo, _ in linears for _ in range(L)] + \
                       [fo for _, _, fo, b in linears if b for _ in range(L)] + [h] * (2 * L + 1) + \
                       [V * h] * (1 if shape.tied_embeddings else 2)
         grads = n_all * e
-        opt = _optimizer_bytes(full_numels, optimizer) + (4 * n_all if master_weights and e != 4 else 0)
+        opt = _optimizer_bytes(full_numels, s.optimizer) + (4 * n_all if s.master_weights and e != 4 else 0)
     else:
-        trainable = 0
-        grads = adapters
-        opt = _optimizer_bytes(adapter_numels, optimizer)
+        trainable, grads = 0, adapters
+        opt = _optimizer_bytes(adapter_numels, s.optimizer)
+    return {"frozen": frozen, "quant_consts": quant_consts, "trainable": trainable, "adapters": adapters,
+            "grads": grads, "opt": opt, "n_all": n_all, "adapter_numels": adapter_numels}
 
-    # ---- activations, per token, bytes ----------------------------------------------------------------------
-    full = method == "full"
-    tset = set(targets)
+
+def _activation_part(s: _Step) -> dict[str, int]:
+    """Bytes per token that autograd saves (per decoder layer, and around the layers), and the short-lived
+    gradients of backward; modelled op by op for a Llama decoder with SDPA attention and an fp32 loss."""
+    shape, e, a, r, full = s.shape, s.e, s.a, s.r, s.full
+    h, i = shape.hidden, shape.intermediate
+    qd, kvd, nh = shape.heads * shape.d, shape.kv_heads * shape.d, shape.heads
+    tset = set(s.targets)
     cast = a != e  # PEFT casts each adapted layer's input to the adapter dtype: one copy per adapted layer
 
     def lora_saved(names: tuple[str, ...], width: int) -> int:
         hit = [n for n in names if n in tset]
         return len(hit) * (a * width if cast else 0) + len(hit) * a * r
 
+    def x_in_saved(names: tuple[str, ...]) -> bool:  # a frozen linear saves its input only for an adapter
+        return full or (not cast and any(n in tset for n in names))
+
     norm = 4 * h + 4 + (e * h if full else 0)  # fp32 copy of x and rsqrt (+ normalized x for the weight grad)
-    x_in_saved = lambda names: full or (not cast and any(n in tset for n in names))  # noqa: E731
     layer = 2 * norm
     layer += e * h * (x_in_saved(("q_proj", "k_proj", "v_proj")) + x_in_saved(("gate_proj", "up_proj")))
     layer += e * (2 * qd + 2 * kvd) + 4 * nh           # SDPA saves q, k, v, output, logsumexp
@@ -300,10 +315,6 @@ def estimate(config: Any, method: str, *, weight_dtype: str = "bf16", quant_type
     layer += e * i * x_in_saved(("down_proj",))         # the product a*u, down_proj's input
     layer += lora_saved(("q_proj", "k_proj", "v_proj"), h) + lora_saved(("o_proj",), qd)
     layer += lora_saved(("gate_proj", "up_proj"), h) + lora_saved(("down_proj",), i)
-    final = norm + (e * h if full else 0)               # final norm (+ lm_head input when lm_head trains)
-    rope = 2 * shape.d * e                              # cos and sin, shared by all layers
-    logits_saved = 4 * V                                 # log_softmax output, fp32
-    head_transient = 8 * V                               # fp32 gradients of log_softmax output and input
     # Backward through one layer: next to what the layer saved, the gradients of its wide (intermediate) tensors.
     # With adapters in fp32 the LoRA branch of gate/up produces fp32 gradients of width i (measured on CPU with
     # TensorMemoryTracker: 2*a*i + e*h per token); without adapters the MLP's three bf16 gradients dominate.
@@ -311,37 +322,65 @@ def estimate(config: Any, method: str, *, weight_dtype: str = "bf16", quant_type
         layer_transient = 2 * max(a, e) * i + e * h
     else:
         layer_transient = 3 * e * i
-    no_grad_norm = 0 if (full or gradient_checkpointing) else 4 * h + 4  # layer 0's input needs no gradient
-    saved_no_gc = T * (L * layer - no_grad_norm + rope + final + logits_saved)
-    kept = L * e * h if gradient_checkpointing else L * layer - no_grad_norm  # GC keeps each layer's input
+    return {"layer": layer, "layer_transient": layer_transient,
+            "final": norm + (e * h if full else 0),     # final norm (+ lm_head input when lm_head trains)
+            "rope": 2 * shape.d * e,                    # cos and sin, shared by all layers
+            "logits_saved": 4 * shape.vocab,            # log_softmax output, fp32
+            "head_transient": 8 * shape.vocab,          # fp32 gradients of log_softmax output and input
+            "no_grad_norm": 0 if (full or s.gradient_checkpointing) else 4 * h + 4}  # layer 0's input: no grad
 
-    # Gradients grow while activations are freed, so the two do not peak together. Three moments are compared:
-    # the loss backward (all activations, fp32 logit gradients, no parameter gradients yet); backward through
-    # the last layer (its activations recomputed under GC, head and one layer's gradients); the end of backward
-    # (layer 0 with nearly all gradients; with tied embeddings the embedding's gradient and its sum with lm_head's
-    # are fresh copies).
-    head_moment = T * (kept + rope + final + logits_saved + head_transient)
-    layer_act = T * (kept + rope + (layer if gradient_checkpointing else 0) + layer_transient)
+
+def _peak_part(s: _Step, w: dict[str, Any], act: dict[str, int]) -> dict[str, Any]:
+    """The allocator's peak: what stays allocated plus the largest of three moments of backward.
+
+    Gradients grow while activations are freed, so the two do not peak together. Compared: the loss backward
+    (all activations, fp32 logit gradients, no parameter gradients yet); backward through the last layer (its
+    activations recomputed under checkpointing, head and one layer's gradients); the end of backward (layer 0
+    with nearly all gradients; with tied embeddings the embedding's gradient and its sum with lm_head's are
+    fresh copies).
+    """
+    shape, e, T, L, gc, full = s.shape, s.e, s.tokens, s.shape.layers, s.gradient_checkpointing, s.full
+    h, V = shape.hidden, shape.vocab
+    layer, ngn, grads = act["layer"], act["no_grad_norm"], w["grads"]
+    saved_no_gc = T * (L * layer - ngn + act["rope"] + act["final"] + act["logits_saved"])
+    kept = L * e * h if gc else L * layer - ngn  # checkpointing keeps each layer's input only
+    head_moment = T * (kept + act["rope"] + act["final"] + act["logits_saved"] + act["head_transient"])
+    layer_act = T * (kept + act["rope"] + (layer if gc else 0) + act["layer_transient"])
     head_grads = (V * h + h) * e if full else 0
     layer_moment = layer_act + head_grads + (grads - head_grads) // L
-    # backward through layer 0: nearly all gradients exist, and layer 0's activations (recomputed under GC)
     embed_grad = V * h * e if (full and not shape.tied_embeddings) else 0  # arrives after layer 0
-    layer0 = T * ((e * h if gradient_checkpointing else 0) + rope + layer - no_grad_norm + layer_transient)
+    layer0 = T * ((e * h if gc else 0) + act["rope"] + layer - ngn + act["layer_transient"])
     end_moment = max(grads - embed_grad - (grads - head_grads) // L + layer0,
                      grads + (2 * V * h * e if (full and shape.tied_embeddings) else 0))  # tied: two copies
-    act_peak = max(head_moment, layer_act)
+    overhead = CUBLAS_WORKSPACE_BYTES if s.device == "cuda" else 0
+    persistent = w["frozen"] + w["quant_consts"] + w["trainable"] + w["adapters"] + w["opt"] + overhead
+    moments = {"loss backward": head_moment, "last layer backward": layer_moment, "end of backward": end_moment}
+    moment = max(moments, key=moments.get)
+    return {"peak": persistent + moments[moment], "moment": moment, "activations": max(head_moment, layer_act),
+            "overhead": overhead, "saved_no_gc": saved_no_gc}
 
-    overhead = CUBLAS_WORKSPACE_BYTES if device == "cuda" else 0
-    persistent = frozen + quant_consts + trainable + adapters + opt + overhead
-    peak = persistent + max(head_moment, layer_moment, end_moment)
-    moment = ["loss backward", "last layer backward", "end of backward"][
-        [head_moment, layer_moment, end_moment].index(max(head_moment, layer_moment, end_moment))]
 
-    components = {"frozen_weights": frozen + trainable, "quantization_constants": quant_consts,
-                  "adapter_weights": adapters, "gradients": grads, "optimizer_state": opt,
-                  "activations": act_peak, "overhead": overhead}
+def estimate(config: Any, method: str, *, weight_dtype: str = "bf16", quant_type: str = "nf4",
+             double_quant: bool = True, lora_r: int = 64, lora_targets: str | list[str] = "all-linear",
+             adapter_dtype: str = "fp32", batch_size: int = 1, seq_len: int = 512,
+             gradient_checkpointing: bool = True, optimizer: str = "adamw_32bit",
+             master_weights: bool = False, device: str = "cuda") -> MemoryEstimate:
+    """Predict the peak memory of a training step of `method` ('full', 'lora' or 'qlora') for a decoder config.
+
+    weight_dtype is the dtype of the (non-quantized) weights and of the computation; adapters are fp32 by default
+    (PEFT upcasts them); full fine-tuning keeps gradients in weight_dtype and AdamW state in fp32 (optionally an
+    fp32 master copy). device='cpu' skips the cuBLAS workspace so the estimate matches a CPU tensor count.
+    """
+    s = _step(config, method, weight_dtype, quant_type, double_quant, lora_r, lora_targets, adapter_dtype,
+              batch_size, seq_len, gradient_checkpointing, optimizer, master_weights, device)
+    w = _weight_part(s)
+    act = _activation_part(s)
+    pk = _peak_part(s, w, act)
+    components = {"frozen_weights": w["frozen"] + w["trainable"], "quantization_constants": w["quant_consts"],
+                  "adapter_weights": w["adapters"], "gradients": w["grads"], "optimizer_state": w["opt"],
+                  "activations": pk["activations"], "overhead": pk["overhead"]}
     notes = []
-    if method == "full":
+    if s.full:
         notes.append(f"full fine-tuning: {weight_dtype} weights and gradients, AdamW states "
                      f"{'8-bit' if '8bit' in optimizer else 'fp32'}" + (", fp32 master weights" if master_weights else ""))
     if optimizer.startswith("paged"):
@@ -349,270 +388,168 @@ def estimate(config: Any, method: str, *, weight_dtype: str = "bf16", quant_type
                      " it is counted here but is not seen by max_memory_allocated")
     notes.append("activations and gradients do not peak together: the predicted peak takes the larger moment, "
                  "so it is less than the sum of the components")
-    settings = dict(model=shape.name, method=method, weight_dtype=weight_dtype, quant_type=quant_type,
-                    double_quant=double_quant, lora_r=r, lora_targets=",".join(targets) or "-",
+    settings = dict(model=s.shape.name, method=method, weight_dtype=weight_dtype, quant_type=quant_type,
+                    double_quant=double_quant, lora_r=lora_r, lora_targets=",".join(s.targets) or "-",
                     adapter_dtype=adapter_dtype, batch_size=batch_size, seq_len=seq_len,
-                    gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, n_params=shape.n_params)
-    details = {"peak": int(peak), "peak_moment": moment, "saved_activations_no_gc": int(saved_no_gc), "per_layer_per_token": int(layer),
-               "trainable_params": int(sum(adapter_numels) if method != "full" else n_all)}
-    notes.append(f"peak expected at: {moment}")
+                    gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, n_params=s.shape.n_params)
+    details = {"peak": int(pk["peak"]), "peak_moment": pk["moment"], "saved_activations_no_gc": int(pk["saved_no_gc"]),
+               "per_layer_per_token": int(act["layer"]),
+               "trainable_params": int(sum(w["adapter_numels"]) if not s.full else w["n_all"])}
+    notes.append(f"peak expected at: {pk['moment']}")
     return MemoryEstimate({k: int(v) for k, v in components.items()}, settings, details, notes)
 
 
 # ================================================================================================================
-# Measuring
+# Memory per GPU
 # ================================================================================================================
 
-def parameter_bytes(model: torch.nn.Module) -> dict[str, int]:
-    """Exact bytes of a model's tensors, by role: trainable, frozen (incl. packed 4-bit data and buffers) and
-    bitsandbytes quantization constants (absmax, nested absmax, offsets, code tables). Shared storage counts once."""
-    seen: set[int] = set()
-    out = {"trainable": 0, "frozen": 0, "quantization_constants": 0}
-
-    def add(t: torch.Tensor | None, key: str) -> None:
-        if t is None or not isinstance(t, torch.Tensor):
-            return
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen:
-            return
-        seen.add(ptr)
-        out[key] += t.untyped_storage().nbytes()
-
-    for p in model.parameters():
-        add(p, "trainable" if p.requires_grad else "frozen")
-        qs = getattr(p, "quant_state", None)
-        if qs is not None:
-            for t in (qs.absmax, qs.code, getattr(qs, "offset", None)):
-                add(t, "quantization_constants")
-            if getattr(qs, "state2", None) is not None:
-                add(qs.state2.absmax, "quantization_constants")
-                add(qs.state2.code, "quantization_constants")
-    for b in model.buffers():
-        add(b, "frozen")
-    return out
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held in an optimizer's state tensors (shared tables such as bnb's quantization maps count once)."""
-    seen, total = set(), 0
-    for state in optimizer.state.values():
-        for t in state.values():
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-                seen.add(t.untyped_storage().data_ptr())
-                total += t.untyped_storage().nbytes()
-    return total
-
-
-class TensorMemoryTracker(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the bytes of tensor storages created while active and alive, and their peak: on a CPU this plays
-    the role of CUDA's allocator statistics (no rounding, no fragmentation). Tensors made before entering are
-    not counted: add the parameters yourself."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._sizes: dict[int, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        # views and in-place results share an input's storage: only storages the op created are new
-        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                st = t.untyped_storage()
-                key, n = st.data_ptr(), st.nbytes()
-                if n == 0 or key in self._sizes or key in inputs:
-                    continue
-                self._sizes[key] = n
-                self.live += n
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(st, self._free, key)
-        return out
-
-    def _free(self, key: int) -> None:
-        self.live -= self._sizes.pop(key, 0)
-
-    def reset_peak(self) -> None:
-        self.peak = self.live
-
-
-def saved_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
-    """Bytes of the distinct tensors autograd saves for backward in one forward pass with labels (loss included),
-    excluding parameters and the quantized weights: an independent count of what 'activations' means."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params and t.device.type != "meta":
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = _loss(model, input_ids)
-    del loss
-    return sum(seen.values())
-
-
-def _loss(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    # only the loss is kept (as the HF Trainer does): the logits are freed before backward
-    return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
-
-
-def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float = 1e-4) -> torch.optim.Optimizer:
-    """AdamW with fp32 state (bitsandbytes' fused 32-bit kernel on CUDA, torch's AdamW on fp32 params on CPU
-    would keep state in the param dtype, so bnb is used everywhere it runs), 8-bit or paged, by name."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
-    import bitsandbytes as bnb
-    cls = {"adamw_32bit": bnb.optim.AdamW32bit, "adamw_8bit": bnb.optim.AdamW8bit,
-           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
-    return cls(params, lr=lr)
-
-
 @dataclass
-class MeasuredMemory:
-    """What measure() found, with what each number is."""
+class PerGPUMemory:
+    """What one GPU holds during a training step under a strategy, in bytes per component.
 
-    device: str
-    peak: int                    # CUDA: max_memory_allocated; CPU: parameters + peak of tracked tensors
-    parameter_bytes: dict[str, int]
-    optimizer_state: int
-    after_setup: int             # memory before the first step (weights on the device)
-    rss_peak: int | None = None  # CPU only: the process's peak resident set size (everything Python holds)
-    steps: int = 0
+    `placement` says for each component whether it is replicated (every GPU has all of it), sharded (1/N each),
+    gathered (a full copy of one unit, alive only while that unit computes) or offloaded (in CPU RAM).
+    """
+
+    strategy: str
+    n_gpus: int
+    components: dict[str, int]
+    placement: dict[str, str]
+    settings: dict[str, Any]
+    peak: int                      # predicted allocator peak on one GPU (activations and gradients do not peak
+    cpu_bytes: int = 0             # together, so it can be less than the sum); CPU RAM per process (offload)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        """Predicted allocator peak on one GPU (as estimate's total)."""
+        return self.peak
+
+    @property
+    def on_card(self) -> int:
+        """Allocator peak plus the CUDA context: what the card must have free."""
+        return self.total + CUDA_CONTEXT_BYTES
+
+    def fits(self, capacity_bytes: float) -> bool:
+        return self.on_card <= capacity_bytes
 
     def report(self) -> str:
-        lines = [f"measured on {self.device} over {self.steps} training steps"]
-        for k, v in self.parameter_bytes.items():
-            lines.append(f"  {'parameters: ' + k:<34}{v / GB:>9.3f} GB  (exact tensor bytes)")
-        lines.append(f"  {'optimizer state':<34}{self.optimizer_state / GB:>9.3f} GB  (exact tensor bytes)")
-        what = "torch.cuda.max_memory_allocated" if self.device == "cuda" else "parameters + tracked tensor peak"
-        lines.append(f"  {'peak':<34}{self.peak / GB:>9.3f} GB  ({what})")
-        if self.rss_peak is not None:
-            lines.append(f"  {'process peak RSS':<34}{self.rss_peak / GB:>9.3f} GB  (getrusage: Python, libraries, "
-                         "allocator caches, everything)")
-        return "\n".join(lines)
+        s = self.settings
+        title = (f"{s['model']} · {s['method']} · {self.strategy} on {self.n_gpus} GPU(s) · per-device batch "
+                 f"{s['per_device_batch']} (global {s['global_batch']}) × seq {s['seq_len']}")
+        rows = [(k.replace("_", " "), v, self.placement[k]) for k, v in self.components.items()]
+        rows += [("sum of components", sum(self.components.values()), ""),
+                 ("per GPU (allocator peak)", self.total, ""), ("+ CUDA context", self.on_card, "")]
+        if self.cpu_bytes:
+            rows.append(("CPU RAM per process", self.cpu_bytes, "(offloaded shards)"))
+        return format_report(title, rows, self.notes)
 
 
-def measure(model_or_fn: torch.nn.Module | Callable[[], Any], *, batch_size: int = 1, seq_len: int = 512,
-            steps: int = 2, optimizer: str = "adamw_32bit", lr: float = 1e-4, seed: int = 0) -> MeasuredMemory:
-    """Run `steps` real training steps (forward with labels, backward, optimizer step) and report peak memory.
+def unit_bytes(config: Any, method: str = "qlora", *, weight_dtype: str = "bf16", adapter_dtype: str = "fp32",
+               lora_r: int = 64, lora_targets: str | list[str] = "all-linear", quant_type: str = "nf4",
+               double_quant: bool = True) -> dict[str, int]:
+    """Bytes of FSDP's units: one decoder layer's parameters (frozen, adapters) and the root (embeddings, head, norm).
 
-    Pass a causal LM (its trainable parameters are optimized on random tokens) or a function that runs one step.
-    The model is put in train() mode, because gradient checkpointing only acts there.
+    FSDP wraps each decoder layer (and PEFT's wrap policy each LoRA matrix) as a unit it all-gathers on use; what
+    no layer owns (embeddings, lm_head, final norm) belongs to the root unit, which stays gathered for the whole step.
     """
-    for name, val in (("batch_size", batch_size), ("seq_len", seq_len), ("steps", steps)):
-        if not isinstance(val, int) or val <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {val!r}")
-    if isinstance(model_or_fn, torch.nn.Module):
-        model = model_or_fn
-        model.train()
-        dev = next(model.parameters()).device
-        vocab = model.get_input_embeddings().num_embeddings
-        g = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(dev)
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("the model has no trainable parameters: add adapters or unfreeze it first")
-        opt = make_optimizer(params, optimizer, lr)
-
-        def step() -> None:
-            _loss(model, ids).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        pbytes = parameter_bytes(model)
-    elif callable(model_or_fn):
-        model, opt, step, dev, pbytes = None, None, model_or_fn, None, {}
-    else:
-        raise TypeError(f"measure() takes a torch.nn.Module or a callable, not {type(model_or_fn).__name__}")
-
-    device = dev.type if dev is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda":
-        torch.cuda.synchronize()
-        after = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        rss = None
-    else:
-        base = sum(pbytes.values())
-        after = base
-        with TensorMemoryTracker() as tracker:
-            for _ in range(steps):
-                step()
-        peak = base + tracker.peak
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return MeasuredMemory(device, int(peak), pbytes, optimizer_state_bytes(opt) if opt else 0, int(after),
-                          rss, steps)
+    shape = model_shape(config)
+    e = dtype_bytes(weight_dtype, "weight_dtype")
+    a = dtype_bytes(adapter_dtype, "adapter_dtype")
+    targets = lora_target_names(lora_targets) if method != "full" else ()
+    layer_frozen = 2 * shape.hidden * e  # the two RMSNorm weights
+    for name, fi, fo, bias in shape.linears():
+        if method == "qlora":
+            packed, _ = quantized_bytes(fi * fo, quant_type, double_quant)
+            layer_frozen += packed
+        else:
+            layer_frozen += fi * fo * e
+        layer_frozen += fo * e if bias else 0
+    layer_adapter = sum(a * lora_r * (fi + fo) for name, fi, fo, _ in shape.linears() if name in targets)
+    root = (shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2) + shape.hidden) * e
+    if method == "full":  # everything trains: the "frozen" part is the trainable weights
+        layer_frozen, layer_adapter = 0, layer_frozen
+    return {"layer_frozen": layer_frozen, "layer_adapter": layer_adapter, "root": root, "layers": shape.layers}
 
 
-def llama_config(config: Any, **overrides: Any):
-    """A transformers config (LlamaConfig, or Qwen2Config for qkv-bias shapes) for a known name or ModelShape."""
-    from transformers import LlamaConfig, Qwen2Config
-    s = model_shape(config)
-    kw = dict(hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
-              num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, vocab_size=s.vocab, head_dim=s.d,
-              tie_word_embeddings=s.tied_embeddings, max_position_embeddings=4096)
-    kw.update(overrides)
-    cfg = Qwen2Config(**kw) if s.qkv_bias else LlamaConfig(**kw)
-    cfg._attn_implementation = "sdpa"
-    return cfg
+def per_gpu_memory(config: Any, method: str = "qlora", strategy: str = "fsdp", n_gpus: int = 2, *,
+                   per_device_batch: int = 1, cpu_offload: bool = False, prefetch: bool = True,
+                   **estimate_kwargs: Any) -> PerGPUMemory:
+    """Predict what each GPU holds when `n_gpus` GPUs train together with DDP or FSDP (FULL_SHARD).
+
+    DDP: every GPU holds a full replica (weights, constants, adapters, gradients, optimizer state) plus its own
+    activations, and the gradient buckets it all-reduces. FSDP: weights, adapters, gradients and optimizer state
+    are split N ways; each GPU also holds the gathered root unit and one or two gathered decoder layers (the one
+    computing and, with prefetch, the next), its own activations, and all quantization constants (bitsandbytes
+    keeps them outside the parameters, so FSDP does not shard them). cpu_offload moves the shards to CPU RAM.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
+    if not isinstance(n_gpus, int) or isinstance(n_gpus, bool) or n_gpus < 1:
+        raise ValueError(f"n_gpus must be a positive integer, got {n_gpus!r}")
+    if strategy == "single" and n_gpus != 1:
+        raise ValueError(f"strategy 'single' means one GPU, got n_gpus={n_gpus}: use 'ddp' or 'fsdp'")
+    if cpu_offload and strategy != "fsdp":
+        raise ValueError("cpu_offload is an FSDP option (fsdp_offload_params): use strategy='fsdp'")
+    if "batch_size" in estimate_kwargs:
+        raise TypeError("pass per_device_batch (the batch each GPU computes), not batch_size")
+    base = estimate(config, method, batch_size=per_device_batch, **estimate_kwargs)
+    c = dict(base.components)
+    n = n_gpus
+    # what stays allocated all step long; the rest of the peak is activations and gradients at the peak moment
+    persistent = ("frozen_weights", "quantization_constants", "adapter_weights", "optimizer_state", "overhead")
+    transient = base.total - sum(c[k] for k in persistent)
+    settings = {**base.settings, "per_device_batch": per_device_batch, "global_batch": per_device_batch * n,
+                "strategy": strategy, "n_gpus": n, "cpu_offload": cpu_offload, "prefetch": prefetch}
+    notes = [x for x in base.notes if not x.startswith("peak expected")]
+    placement = {k: "replicated" for k in c}
+    if strategy == "single" or (strategy == "ddp" and n == 1):
+        return PerGPUMemory(strategy, n, c, placement, settings, base.total, 0, notes)
+    if strategy == "ddp":
+        c["communication_buffers"] = c["gradients"]  # DDP's reducer copies gradients into flat buckets
+        placement["communication_buffers"] = "replicated"
+        notes.append("DDP: each GPU holds the whole model; more GPUs raise throughput, not the model size that fits")
+        return PerGPUMemory(strategy, n, c, placement, settings, base.total + c["gradients"], 0, notes)
+
+    # ---- FSDP, FULL_SHARD ----------------------------------------------------------------------------------
+    if n == 1:
+        notes.append("FSDP on one GPU shards nothing (NO_SHARD): the same as a single GPU")
+        return PerGPUMemory(strategy, n, c, placement, settings, base.total, 0, notes)
+    kw = {k: estimate_kwargs[k] for k in ("weight_dtype", "adapter_dtype", "lora_r", "lora_targets", "quant_type",
+                                          "double_quant") if k in estimate_kwargs}
+    u = unit_bytes(config, method, **kw)
+    cpu, full_grads = 0, c["gradients"]
+    for k in ("frozen_weights", "adapter_weights", "gradients", "optimizer_state"):
+        shard = -(-c[k] // n)
+        if cpu_offload:
+            cpu += shard
+            c[k], placement[k] = 0, "offloaded to CPU"
+        else:
+            c[k], placement[k] = shard, f"sharded 1/{n}"
+    if base.details.get("peak_moment") == "end of backward":  # the peak holds all gradients: now a shard
+        transient -= full_grads - c["gradients"]
+    in_flight = 2 if prefetch else 1
+    unit = u["layer_frozen"] + u["layer_adapter"]
+    # gathered: the root unit, in-flight decoder layers, and one layer's unsharded gradients before reduce-scatter
+    c["gathered_units"] = u["root"] + in_flight * unit + u["layer_adapter"]
+    placement["gathered_units"] = f"gathered (root + {in_flight} layer unit{'s' * (in_flight > 1)})"
+    peak = sum(c[k] for k in persistent) + transient + c["gathered_units"]
+    notes.append("quantization constants stay whole on every GPU: bitsandbytes keeps them beside the parameters, "
+                 "not in them")
+    notes.append("loading is not modelled: every process first loads the 4-bit model unless the loader places "
+                 "shards directly (fsdp_cpu_ram_efficient_loading)")
+    return PerGPUMemory(strategy, n, c, placement, settings, int(peak), cpu, notes)
 
 
-def quantize_linears(model: torch.nn.Module, *, quant_type: str = "nf4", double_quant: bool = True,
-                     compute_dtype: torch.dtype = torch.bfloat16, skip: tuple[str, ...] = ("lm_head",)) -> int:
-    """Swap every nn.Linear (except `skip`) for a bitsandbytes Linear4bit holding the same weights, quantized in
-    place on the weights' device (fast, no checkpoint on disk). Returns how many layers were swapped."""
-    import bitsandbytes as bnb
-    if quant_type not in _QUANT_TYPES:
-        raise ValueError(f"unknown quant_type {quant_type!r}: use 'nf4' or 'fp4'")
-    todo = [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear and n.split(".")[-1] not in skip]
-    for name, lin in todo:
-        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                compute_dtype=compute_dtype, compress_statistics=double_quant,
-                                quant_type=quant_type, device="meta")
-        w = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=double_quant,
-                              quant_type=quant_type, blocksize=64, module=new)
-        new.weight = w._quantize(lin.weight.device)
-        if lin.bias is not None:
-            new.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
-        setattr(parent, name.rsplit(".", 1)[-1], new)
-        del lin, w
-    return len(todo)
-
-
-def build_training_model(config: Any, method: str, *, dtype: torch.dtype = torch.bfloat16, lora_r: int = 64,
-                         lora_alpha: int = 16, lora_targets: str | list[str] = "all-linear",
-                         quant_type: str = "nf4", double_quant: bool = True, gradient_checkpointing: bool = True,
-                         device: str | torch.device = "cpu", seed: int = 0) -> torch.nn.Module:
-    """A randomly initialised causal LM of a real shape, set up for `method` as practitioners do it: full (all
-    weights train), lora (PEFT on a frozen `dtype` base) or qlora (bitsandbytes NF4+DQ base + PEFT).
-    Weight values do not change memory, so random weights measure memory as well as real ones."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-    cfg = config if hasattr(config, "to_dict") else llama_config(config)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    if method == "qlora":
-        quantize_linears(model, quant_type=quant_type, double_quant=double_quant, compute_dtype=dtype)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if method != "full":
-        model.requires_grad_(False)
-        if gradient_checkpointing:
-            model.enable_input_require_grads()
-        targets = list(lora_target_names(lora_targets))
-        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
-                                                 target_modules=targets, bias="none", task_type="CAUSAL_LM"))
-    model.train()
-    return model
+def memory_table(models: Sequence[str], gpu_counts: Sequence[int], strategies: Sequence[str] = ("ddp", "fsdp"),
+                 method: str = "qlora", **kwargs: Any) -> list[dict[str, Any]]:
+    """Per-GPU memory for every model × strategy × GPU count, as rows (GB, allocator peak + CUDA context)."""
+    rows = []
+    for model in models:
+        for strategy in strategies:
+            row: dict[str, Any] = {"model": model, "strategy": strategy}
+            for n in gpu_counts:
+                est = per_gpu_memory(model, method, "single" if n == 1 else strategy, n, **kwargs)
+                row[n] = est.on_card / GB
+            rows.append(row)
+    return rows

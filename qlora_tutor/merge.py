@@ -14,7 +14,10 @@ from typing import Any
 
 import torch
 
-from . import finetune, hardware
+from . import finetune, hardware, models
+from .config import FinetuneConfig
+from .paths import atomic_save_dir
+from .quiet import import_bitsandbytes, quiet_libraries
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
@@ -25,23 +28,24 @@ def _check_output(output: Path, overwrite: bool) -> None:
             raise ValueError(f"merge: {output} already holds a model: add --overwrite to replace it")
 
 
-def merged_model(run: str | Path, base: str = "dequantized") -> tuple[Any, Any, finetune.FinetuneConfig]:
+def merged_model(run: str | Path, base: str = "dequantized") -> tuple[Any, Any, FinetuneConfig]:
     """The base (dequantized 4-bit or original, in fp32) with the adapter merged in; plain transformers model."""
     from peft import PeftModel
     if base not in ("dequantized", "original"):
         raise ValueError(f"base must be 'dequantized' or 'original', not {base!r}")
     folder = finetune.find_artifact(run)
-    cfg = finetune.FinetuneConfig(**json.loads((folder / "run_config.json").read_text()))
+    cfg = FinetuneConfig(**json.loads((folder / "run_config.json").read_text()))
     if cfg.method == "full":
         raise ValueError(f"{folder} is a full fine-tune: it has no adapter to merge and is already a standalone model")
-    model_path = finetune.resolve_model(cfg.model)
-    tokenizer = finetune.load_tokenizer(model_path)
+    model_path = models.resolve_model(cfg.model)
+    tokenizer = models.load_tokenizer(model_path)
     if base == "dequantized" and cfg.method == "qlora":
-        model = finetune.load_base(model_path, "qlora", torch.float32, cfg.quant_type, cfg.double_quant)
+        model = models.load_base(model_path, "qlora", torch.float32, cfg.quant_type, cfg.double_quant)
         model = model.dequantize(dtype=torch.float32)  # every Linear4bit → nn.Linear holding dequant(W_4bit)
     else:
-        model = finetune.load_base(model_path, "lora", torch.float32)
-    model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()  # W += (alpha/r)·B·A, in fp32
+        model = models.load_base(model_path, "lora", torch.float32)
+    with quiet_libraries():
+        model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()  # W += (alpha/r)·B·A, in fp32
     return model.eval(), tokenizer, cfg
 
 
@@ -60,7 +64,7 @@ def merge_adapter(run: str | Path, output: str | Path, base: str = "dequantized"
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
-    finetune.atomic_save_dir(output, write)
+    atomic_save_dir(output, write)
     size = sum(f.stat().st_size for f in output.glob("*.safetensors"))
     log(f"merged {cfg.method} adapter into the {base} base; saved {str(dtype).replace('torch.', '')} model "
         f"({size / 2**20:.1f} MB) to {output}. Load it with AutoModelForCausalLM.from_pretrained('{output}').")
@@ -75,6 +79,7 @@ def requantization_error(peft_model: Any, adapter: str = "default") -> dict[str,
     - 'round_16bit': ‖bf16(W4 + ΔW) − (W4 + ΔW)‖ / ‖ΔW‖: our merge, stored in bf16
     Both pooled over all adapted layers. A value near 1 means the error is as large as the update itself.
     """
+    import_bitsandbytes()
     import bitsandbytes.functional as bnbf
     err4 = err16 = norm = 0.0
     for module in peft_model.modules():

@@ -7,7 +7,7 @@ loaded with ctypes: no Python or torch headers, no build step at install time. W
 Windows and macOS laptops) or the build fails, `available()` is False, `status()` says why, and
 `QuantizedTensor.dequantize` simply uses the PyTorch path: same results, slower.
 
-Three things make it fast, each measured on the 2-core test machine (benchmarks/results/quant_cpu.md):
+Three things make it fast, each measured on the 2-core test machine (results/quant_cpu.md):
 - one pass, vectorised with AVX-512 where the CPU has it (a plain C loop elsewhere);
 - threads from OpenMP: built with -fopenmp, the library uses the OpenMP runtime torch has already loaded, so its
   threads are torch's own and do not fight them for the cores (a Python thread pool did);

@@ -1,49 +1,39 @@
-"""Figures for fine-tuning runs: the training loss curve and the method comparison."""
+"""Figures: the training loss curve, the method comparison, and what one GPU holds under each strategy."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
+
+from .paths import atomic_save_file
 
 
 def _figure(figsize: tuple[float, float]):
     import matplotlib.pyplot as plt  # picks a non-interactive backend by itself on a machine without a display
-    return plt, *plt.subplots(figsize=figsize)
+    return plt.subplots(figsize=figsize)
 
 
 def _save(fig: Any, path: str | Path) -> Path:
-    """Save a PNG atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes private files; give the usual permissions
-    os.replace(tmp, path)
-    return path
-
-
-def loss_curve(history: Sequence[dict], path: str | Path | None = None, title: str = "training loss") -> Any:
-    """Training loss against step (from the Trainer's log history). Saves a PNG when `path` is given."""
-    plt, fig, ax = _figure((5, 3))
-    steps = [h["step"] for h in history]
-    ax.plot(steps, [h["loss"] for h in history], marker=".")
-    ax.set(xlabel="step", ylabel="loss (response tokens)", title=title)
-    ax.grid(alpha=0.3)
-    if path is None:
-        return fig
-    out = _save(fig, path)
+    """Save a PNG atomically and close the figure."""
+    import matplotlib.pyplot as plt
+    out = atomic_save_file(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
     plt.close(fig)
     return out
 
 
+def loss_curve(history: Sequence[dict], path: str | Path | None = None, title: str = "training loss") -> Any:
+    """Training loss against step (from the Trainer's log history). Saves a PNG when `path` is given."""
+    fig, ax = _figure((5, 3))
+    steps = [h["step"] for h in history]
+    ax.plot(steps, [h["loss"] for h in history], marker=".")
+    ax.set(xlabel="step", ylabel="loss (response tokens)", title=title)
+    ax.grid(alpha=0.3)
+    return fig if path is None else _save(fig, path)
+
+
 def comparison(rows: Sequence[dict], path: str | Path | None = None) -> Any:
     """Held-out loss and score per method, mean ± std over seeds (rows as `compare.summarize` returns them)."""
-    plt, fig, axes = _figure((9, 3.2))
+    fig, axes = _figure((9, 3.2))
     fig.delaxes(axes)
     axes = fig.subplots(1, 2)
     names = [r["method"] for r in rows]
@@ -58,8 +48,37 @@ def comparison(rows: Sequence[dict], path: str | Path | None = None) -> Any:
         ax.set_xlabel(label)
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle("Same data and budget; dots: mean over seeds, whiskers: ± std (note the zoomed axes)")
-    if path is None:
-        return fig
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
+    return fig if path is None else _save(fig, path)
+
+
+_COLORS = {"frozen_weights": "#4c72b0", "quantization_constants": "#8172b2", "adapter_weights": "#55a868",
+           "gradients": "#8c8c8c", "optimizer_state": "#c44e52", "activations": "#dd8452", "overhead": "#cccccc",
+           "communication_buffers": "#937860", "gathered_units": "#64b5cd"}
+
+
+def plot_per_gpu(estimates: Sequence[Any], capacity_bytes: float | None = None, ax: Any = None) -> Any:
+    """Stacked bars, one per `memory.PerGPUMemory`: what one GPU holds, component by component (GB), with the
+    card's size."""
+    from .memory import GB
+    if ax is None:
+        _, ax = _figure((7, 3.2))
+    seen: set[str] = set()
+    for x, est in enumerate(estimates):
+        bottom = 0.0
+        for k, v in est.components.items():
+            if v <= 0:
+                continue
+            ax.bar(x, v / GB, bottom=bottom, color=_COLORS.get(k, "#999999"), width=0.6,
+                   label=k.replace("_", " ") if k not in seen else None)
+            seen.add(k)
+            bottom += v / GB
+        ax.plot([x - 0.3, x + 0.3], [est.on_card / GB] * 2, color="black", lw=1)  # predicted peak + context
+    if capacity_bytes:
+        ax.axhline(capacity_bytes / GB, color="red", ls="--", lw=1,
+                   label=f"card ({capacity_bytes / GB:.1f} GB)")
+    ax.set_xticks(range(len(estimates)), [f"{e.strategy}\n{e.n_gpus} GPU" + "s" * (e.n_gpus > 1) +
+                                          (" + offload" if e.settings.get("cpu_offload") else "")
+                                          for e in estimates])
+    ax.set_ylabel("GB per GPU")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return ax

@@ -3,25 +3,23 @@
     y = dequant(W_4bit)·x + b + s·B·A·dropout(x)          (QLoRA paper, Eq. 5, with LoRA's scale s)
 
 The base is a `quant.QuantizedTensor` (nf4/fp4/int4, optionally double-quantized). Each forward dequantizes it
-to the compute dtype, multiplies, and drops the dense copy; backward dequantizes again (see `_DequantLinear`).
+to the compute dtype, multiplies, and drops the dense copy; backward dequantizes again (see `DequantLinear`).
 `add_adapters` swaps the linear layers of any model (a transformers Llama included) for these layers.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qlora_tutor import hardware
-from qlora_tutor.lora import LoRAAdapterMixin, LoRALinear, check_rank_alpha
-from qlora_tutor.quant import QUANT_TYPES, QuantizedTensor, quantize
+from . import hardware
+from .lora import LoRAAdapterMixin, LoRALinear, check_rank_alpha
+from .quant import QuantizedTensor, check_quant_type, quantize
+from .targets import find_linear_targets, output_head_names
 
 
-class _DequantLinear(torch.autograd.Function):
+class DequantLinear(torch.autograd.Function):
     """y = x·dequant(W)ᵀ + b with a frozen quantized W.
 
     Why a custom Function: if we wrote `F.linear(x, qw.dequantize())` in ordinary autograd code, autograd would save
@@ -78,15 +76,14 @@ class QuantizedLinear(nn.Module):
         """Quantize `linear.weight` (on its device) and keep the bias; the original dense weight is not kept."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
-        if quant_type not in QUANT_TYPES:
-            raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+        quant_type = check_quant_type(quant_type)
         dtype = hardware.compute_dtype(compute_dtype)
         qw = quantize(linear.weight.detach(), quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
         return cls(qw, linear.bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        out = _DequantLinear.apply(x.to(self.compute_dtype), self.weight, bias, self.compute_dtype)
+        out = DequantLinear.apply(x.to(self.compute_dtype), self.weight, bias, self.compute_dtype)
         return out.to(x.dtype)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -167,60 +164,12 @@ class QLoRALinear(LoRAAdapterMixin, nn.Module):
 ADAPTER_LAYERS = (LoRALinear, QLoRALinear)
 
 
-def output_head_names(model: nn.Module) -> set[str]:
-    """Names of the output head(s) that "all-linear" skips: the output embedding (lm_head), as PEFT does."""
-    heads: set[str] = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    for name, module in model.named_modules():
-        if (head is not None and module is head) or (head is None and name.split(".")[-1] == "lm_head"):
-            heads.add(name)
-    return heads
-
-
-def _matches(name: str, targets: list[str]) -> bool:
-    """PEFT's rule for a list: the full module name, or a suffix of it after a dot, equals an entry."""
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def _linear_summary(model: nn.Module) -> str:
-    names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-    return ", ".join(repr(n) for n in names) if names else "(none)"
-
-
 def find_targets(model: nn.Module, target_modules: str | list[str] | tuple[str, ...]) -> list[str]:
-    """Full names of the nn.Linear modules that `target_modules` selects; clear errors for names that don't fit.
-
-    A list entry matches a module whose name equals it or ends with "." + entry (PEFT's rule), so "q_proj" hits
-    every layer's attention query. "all-linear" selects every nn.Linear except the output head.
-    """
+    """Full names of the nn.Linear modules that `target_modules` selects, by PEFT's rule (see `targets.py`):
+    "all-linear" is every nn.Linear but the output head; "q_proj" hits every layer's attention query."""
     if any(isinstance(m, ADAPTER_LAYERS) for m in model.modules()):
         raise ValueError("this model already has LoRA adapters; call add_adapters once, on the plain model.")
-    if isinstance(target_modules, str):
-        if target_modules.lower() == "all-linear":
-            heads = output_head_names(model)
-            found = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in heads]
-            if not found:
-                raise ValueError("target_modules='all-linear' found no nn.Linear layers (other than the output head).")
-            return found
-        target_modules = [target_modules]
-    if not isinstance(target_modules, (list, tuple, set)) or not target_modules or \
-            not all(isinstance(t, str) and t for t in target_modules):
-        raise TypeError(f"target_modules must be 'all-linear' or a non-empty list of module names such as "
-                        f"['q_proj', 'v_proj'], got {target_modules!r}")
-    targets = list(target_modules)
-    modules = dict(model.named_modules())
-    for t in targets:
-        hits = [n for n in modules if n and _matches(n, [t])]
-        if not hits:
-            raise ValueError(f"target module {t!r} matches no module of this {type(model).__name__}. "
-                             f"Its linear layers are named: {_linear_summary(model)}.")
-        wrong = [n for n in hits if not isinstance(modules[n], nn.Linear)]
-        if wrong:
-            n = wrong[0]
-            raise TypeError(f"target module {t!r} matches {n!r}, a {type(modules[n]).__name__}, not an nn.Linear; "
-                            f"LoRA here adapts linear layers only. Name linear layers instead: {_linear_summary(model)}.")
-    return [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear) and _matches(n, targets)]
+    return find_linear_targets(model, target_modules)
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -240,8 +189,8 @@ def add_adapters(model: nn.Module, target_modules: str | list[str], r: int, alph
     as they are. compute_dtype None picks bf16/fp16/fp32 for this device (qlora_tutor.hardware.compute_dtype).
     """
     check_rank_alpha(r, alpha, dropout)
-    if quant_type is not None and quant_type not in QUANT_TYPES:
-        raise ValueError(f"quant_type must be None (plain LoRA) or one of {QUANT_TYPES}, got {quant_type!r}")
+    if quant_type is not None:
+        quant_type = check_quant_type(quant_type)
     dtype = hardware.compute_dtype(compute_dtype)  # raises with the fix for bf16 on a T4/V100
     targets = find_targets(model, target_modules)
     heads = output_head_names(model)
@@ -260,125 +209,3 @@ def add_adapters(model: nn.Module, target_modules: str | list[str], r: int, alph
         _set_module(model, name, QuantizedLinear.from_linear(model.get_submodule(name), quant_type, double_quant,
                                                              blocksize, dtype))
     return model
-
-
-# ------------------------------------------------------------------------------------------------------ counting
-
-@dataclass(frozen=True)
-class ParamCount:
-    """Trainable and total parameters; 4-bit weights counted as the parameters they represent (out·in)."""
-    trainable: int
-    total: int
-    quantized: int  # of total, how many are stored in 4 bits
-
-    @property
-    def trainable_percent(self) -> float:
-        return 100.0 * self.trainable / self.total if self.total else 0.0
-
-    def __str__(self) -> str:
-        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
-                f"trainable%: {self.trainable_percent:.4f} || stored in 4 bits: {self.quantized:,}")
-
-
-def _bnb_params4bit_numel(p: torch.Tensor) -> int | None:
-    """bitsandbytes' Params4bit holds packed bytes; its quant_state knows the real shape."""
-    qs = getattr(p, "quant_state", None)
-    if type(p).__name__ == "Params4bit" and qs is not None:
-        return math.prod(qs.shape)
-    return None
-
-
-def count_parameters(model: nn.Module) -> ParamCount:
-    """Count parameters the way a learner expects: a 4-bit (out, in) weight is out·in parameters, not its bytes.
-
-    (PEFT's print_trainable_parameters doubles a Params4bit's byte count, which matches for even sizes;
-    artidoro/qlora's script halves the *trainable* count for 4-bit models, which is wrong for fp32 adapters.)
-    """
-    trainable = total = quantized = 0
-    for p in model.parameters():  # parameters() already skips tied duplicates
-        n = _bnb_params4bit_numel(p)
-        if n is not None:
-            quantized += n
-        else:
-            n = p.numel()
-        total += n
-        trainable += n if p.requires_grad else 0
-    for m in model.modules():
-        if isinstance(m, QuantizedLinear):
-            n = math.prod(m.weight.shape)
-            total += n
-            quantized += n
-    return ParamCount(trainable, total, quantized)
-
-
-def _tensors_in(obj: object, seen: set[int]) -> list[torch.Tensor]:
-    """Every tensor reachable from a QuantizedTensor's attributes (packed codes, absmax, nested state, code tables)."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if id(obj) in seen:
-        return []
-    seen.add(id(obj))
-    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else \
-        vars(obj).values() if hasattr(obj, "__dict__") else ()
-    out: list[torch.Tensor] = []
-    for v in items:
-        out += _tensors_in(v, seen)
-    return out
-
-
-@dataclass(frozen=True)
-class WeightMemory:
-    """Parameters and bytes held by the weights of linear layers, counted from the tensors that hold them."""
-    params: int
-    nbytes: int
-
-    @property
-    def bits_per_param(self) -> float:
-        return 8.0 * self.nbytes / self.params if self.params else 0.0
-
-    def __str__(self) -> str:
-        return f"{self.params:,} params in {self.nbytes / 2**20:.3f} MiB = {self.bits_per_param:.3f} bits/param"
-
-
-def _is_adapter_linear(name: str) -> bool:
-    """PEFT keeps its adapters as nn.Linear modules named ...lora_A.<adapter> / ...lora_B.<adapter>."""
-    return ".lora_A." in name or ".lora_B." in name or name.startswith(("lora_A.", "lora_B."))
-
-
-def linear_weight_memory(model: nn.Module, include_output_head: bool = False) -> WeightMemory:
-    """Bytes held by the base weights of linear layers: dense, ours in 4 bits, or bitsandbytes' Linear4bit.
-
-    4-bit weights count every tensor that dequantization needs (packed codes, absmax, nested absmax, code
-    tables), read from storage; a tensor shared by several layers counts once. Adapters, biases and (unless asked)
-    the output head are left out, so after QLoRA this is the frozen 4-bit body of the model.
-    """
-    heads = set() if include_output_head else output_head_names(model)
-    params = nbytes = 0
-    seen: set[tuple[int, int]] = set()
-
-    def add_storage(tensors: list[torch.Tensor]) -> int:
-        total = 0
-        for t in tensors:
-            st = t.untyped_storage()
-            key = (st.data_ptr(), st.nbytes())
-            if key not in seen:
-                seen.add(key)
-                total += st.nbytes()
-        return total
-
-    for name, m in model.named_modules():
-        owner = name[: -len(".base_layer")] if name.endswith(".base_layer") else name
-        if owner in heads or name in heads or _is_adapter_linear(name):
-            continue
-        if isinstance(m, QuantizedLinear):
-            params += math.prod(m.weight.shape)
-            nbytes += add_storage(_tensors_in(m.weight, set()))
-        elif isinstance(m, nn.Linear):
-            n4 = _bnb_params4bit_numel(m.weight)
-            if n4 is not None:  # bitsandbytes Linear4bit: packed bytes + everything in its QuantState
-                params += n4
-                nbytes += add_storage([m.weight.data] + _tensors_in(m.weight.quant_state, set()))
-            else:
-                params += m.weight.numel()
-                nbytes += add_storage([m.weight])
-    return WeightMemory(params, nbytes)

@@ -13,12 +13,16 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from . import native
+from .config import BNB_QUANT_TYPES  # the types bitsandbytes has kernels for: to/from_bitsandbytes accept these
 
-QUANT_TYPES = ("nf4", "fp4", "int4")
+if TYPE_CHECKING:
+    import bitsandbytes
+
 BLOCKSIZES = tuple(2**k for k in range(5, 13))  # 32 ... 4096, what bitsandbytes' 4-bit path accepts
 NESTED_BLOCKSIZE = 256  # block size of the 8-bit quantization of the constants (paper section 3, bitsandbytes)
 DEQUANTIZE_BACKENDS = ("auto", "native", "torch")
@@ -71,15 +75,31 @@ def _int4_levels() -> torch.Tensor:
     return torch.arange(-8, 8, dtype=torch.float32) / 7.0
 
 
+@dataclass(frozen=True)
+class Format:
+    """A 4-bit data type: how its 16 values (index = code) are built and which codes quantize may produce.
+    A new 4-bit type is one entry in FORMATS."""
+
+    levels: Callable[[], torch.Tensor]
+    used_codes: tuple[int, ...] = tuple(range(16))
+
+
+FORMATS: dict[str, Format] = {
+    "nf4": Format(normal_float_levels),
+    "fp4": Format(_fp4_levels),
+    "int4": Format(_int4_levels, used_codes=tuple(range(1, 16))),  # code 0 (-8/7) is never produced
+}
+QUANT_TYPES = tuple(FORMATS)
+
+
 @lru_cache(maxsize=None)
 def _codebook_cpu(quant_type: str) -> torch.Tensor:
-    builders = {"nf4": normal_float_levels, "fp4": _fp4_levels, "int4": _int4_levels}
-    return builders[quant_type]().to(torch.float32)
+    return FORMATS[quant_type].levels().to(torch.float32)
 
 
 def codebook(quant_type: str) -> torch.Tensor:
     """The 16 values a 4-bit code stands for (float32, index = code), for "nf4", "fp4" or "int4"."""
-    return _codebook_cpu(_check_quant_type(quant_type)).clone()
+    return _codebook_cpu(check_quant_type(quant_type)).clone()
 
 
 @lru_cache(maxsize=None)
@@ -114,7 +134,7 @@ class _Tables:
 @lru_cache(maxsize=None)
 def _tables(quant_type: str, device: torch.device) -> _Tables:
     code = _codebook_cpu(quant_type)
-    used = torch.arange(1, 16) if quant_type == "int4" else torch.arange(16)  # int4 never uses code 0 (-8)
+    used = torch.tensor(FORMATS[quant_type].used_codes)
     # stable sort: FP4's two zeros, code 0 and code 8, keep that order, the order bitsandbytes' CPU argsort gives
     order = used[torch.sort(code[used], stable=True).indices]
     sorted_values = code[order]
@@ -150,9 +170,13 @@ def _tables(quant_type: str, device: torch.device) -> _Tables:
 # Checks
 # ----------------------------------------------------------------------------------------------------------------
 
-def _check_quant_type(quant_type: str) -> str:
-    if not isinstance(quant_type, str) or quant_type.lower() not in QUANT_TYPES:
-        raise ValueError(f"unknown quant_type {quant_type!r}: use one of {', '.join(map(repr, QUANT_TYPES))}")
+def check_quant_type(quant_type: str, bitsandbytes: bool = False) -> str:
+    """The quant type's canonical (lower-case) name; a clear error for an unknown one (or, with `bitsandbytes`,
+    one bitsandbytes has no kernels for). The one rule every module uses."""
+    allowed = BNB_QUANT_TYPES if bitsandbytes else tuple(FORMATS)
+    if not isinstance(quant_type, str) or quant_type.lower() not in allowed:
+        where = "bitsandbytes has 4-bit kernels for" if bitsandbytes else "use one of"
+        raise ValueError(f"unknown quant_type {quant_type!r}: {where} {', '.join(map(repr, allowed))}")
     return quant_type.lower()
 
 
@@ -370,11 +394,14 @@ class QuantizedTensor:
                 out[start:stop].copy_(values[:stop - start])  # (4x faster than a multiply that writes bf16)
         return out.view(self.shape)
 
+    def constants(self) -> list[torch.Tensor]:
+        """The tensors besides the packed codes that dequantization needs: absmax (+ nested absmax and offset)."""
+        return [t for t in (self.absmax, self.nested_absmax, self.offset) if t is not None]
+
     @property
     def nbytes(self) -> int:
         """Bytes of every tensor this object holds: codes and all constants (the shared code books are not counted)."""
-        tensors = [self.packed, self.absmax, self.nested_absmax, self.offset]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return sum(t.numel() * t.element_size() for t in [self.packed, *self.constants()])
 
     @property
     def bits_per_param(self) -> float:
@@ -397,9 +424,9 @@ class QuantizedTensor:
 
     def to_bitsandbytes(self) -> tuple[torch.Tensor, "bitsandbytes.functional.QuantState"]:
         """(packed, QuantState) in bitsandbytes' layout, ready for bitsandbytes.functional.dequantize_4bit."""
-        if self.quant_type not in ("nf4", "fp4"):
-            raise ValueError(f"bitsandbytes has no {self.quant_type} 4-bit kernels (only 'nf4' and 'fp4'): "
-                             "quantize with quant_type='nf4' or 'fp4' to convert")
+        if self.quant_type not in BNB_QUANT_TYPES:
+            raise ValueError(f"bitsandbytes has no {self.quant_type} 4-bit kernels (only "
+                             f"{' and '.join(map(repr, BNB_QUANT_TYPES))}): quantize with one of those to convert")
         from bitsandbytes.functional import QuantState
 
         dev = self.device
@@ -421,9 +448,10 @@ class QuantizedTensor:
         if not isinstance(quant_state, QuantState):
             raise TypeError(f"quant_state must be a bitsandbytes QuantState, got {type(quant_state).__name__}")
         qt = quant_state.quant_type
-        if qt not in ("nf4", "fp4"):
-            raise ValueError(f"QuantState has quant_type {qt!r}; only 4-bit 'nf4' and 'fp4' states can be converted")
-        if quant_type is not None and _check_quant_type(quant_type) != qt:
+        if qt not in BNB_QUANT_TYPES:
+            raise ValueError(f"QuantState has quant_type {qt!r}; only 4-bit {' and '.join(map(repr, BNB_QUANT_TYPES))}"
+                             " states can be converted")
+        if quant_type is not None and check_quant_type(quant_type) != qt:
             raise ValueError(f"expected a {quant_type!r} QuantState but got a {qt!r} one: "
                              f"pass quant_type={qt!r}, or quantize with the type you want")
         if quant_state.code is not None and not torch.equal(quant_state.code.float().cpu(), _codebook_cpu(qt)):
@@ -456,7 +484,7 @@ def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
     blocks of 256 (bitsandbytes' compress_statistics=True), saving about 0.37 bits per parameter.
     """
     _check_weight(w)
-    quant_type = _check_quant_type(quant_type)
+    quant_type = check_quant_type(quant_type)
     blocksize = _check_blocksize(blocksize)
     flat = w.detach().reshape(-1)
     packed, absmax = _quantize_flat(flat, quant_type, blocksize)

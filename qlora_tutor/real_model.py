@@ -18,13 +18,14 @@ import importlib.metadata
 import json
 import os
 import shutil
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from .quiet import quiet_gguf_loading
 
 SUPPORTED_ARCHITECTURES = ("llama",)  # what the converter is tested on (transformers reads more)
 MANIFEST = "qlora_tutor_conversion.json"  # written last: a folder without it is incomplete
@@ -201,36 +202,6 @@ def _remove_leftovers(dest: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- converting
-def _quiet_transformers():
-    """transformers' GGUF progress bar and warnings off for the duration (restored afterwards)."""
-    import contextlib
-
-    from transformers.utils import logging as hf_logging
-
-    @contextlib.contextmanager
-    def quiet():
-        import functools
-
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
-        bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-        bar = getattr(gguf_utils, "tqdm", None)  # its own tqdm, not transformers' switchable one
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-        if bar is not None:
-            gguf_utils.tqdm = functools.partial(bar, disable=True)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                yield
-        finally:
-            if bar is not None:
-                gguf_utils.tqdm = bar
-            hf_logging.set_verbosity(level)
-            if bars:
-                hf_logging.enable_progress_bar()
-    return quiet()
-
-
 def load_from_gguf(gguf_path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """(plain transformers model, tokenizer) from a GGUF file: weights dequantized by transformers.
 
@@ -239,7 +210,7 @@ def load_from_gguf(gguf_path: str | os.PathLike, dtype: torch.dtype = torch.floa
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     path = Path(gguf_path)
-    with _quiet_transformers():
+    with quiet_gguf_loading():
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         settings = loaded.config.to_dict()
@@ -271,13 +242,13 @@ def convert_gguf(gguf_path: str | os.PathLike, dest: str | os.PathLike, sha256: 
     The manifest, written last, records the GGUF's checksum and every file's size, so that `cache_problem` can tell
     a complete conversion from an interrupted one.
     """
-    from . import finetune, hardware
+    from . import hardware, paths
     dest = Path(dest)
     model, tokenizer = load_from_gguf(gguf_path, dtype)
     tokenizer.model_max_length = model.config.max_position_embeddings  # the GGUF leaves it unset (1e30)
 
     def write(tmp: Path) -> None:
-        with _quiet_transformers():
+        with quiet_gguf_loading():
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
         for name, source in (extra_files or {}).items():
@@ -286,7 +257,7 @@ def convert_gguf(gguf_path: str | os.PathLike, dest: str | os.PathLike, sha256: 
                     "versions": hardware.versions(), "files": {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
-    return finetune.atomic_save_dir(dest, write)
+    return paths.atomic_save_dir(dest, write)
 
 
 def _package_licence(model: PackagedModel) -> dict[str, Path]:

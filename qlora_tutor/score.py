@@ -107,3 +107,10 @@ def mean_score(instructions: Sequence[str], answers: Sequence[str], inputs: Sequ
         raise ValueError("mean_score got no answers")
     inputs = inputs if inputs is not None else [""] * len(answers)
     return sum(score_answer(q, a, i) for q, a, i in zip(instructions, answers, inputs)) / len(answers)
+
+
+# The automatic score of each embedded data set (data.EMBEDDED_DATASETS): scorer(example, answer) -> [0, 1].
+SCORERS = {
+    "stories": lambda ex, answer: instruction_score(ex["instruction"], answer),
+    "qa": lambda ex, answer: qa_score(ex["instruction"], ex.get("input", ""), answer),
+}

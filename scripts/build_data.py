@@ -7,22 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from qlora_tutor import storyworld
-from qlora_tutor.paths import REPO_ROOT
+from qlora_tutor.paths import REPO_ROOT, atomic_write_text
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write JSON Lines atomically (temporary file in the same folder, then os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """Write JSON Lines atomically (readers never see half a file)."""
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def main() -> None:

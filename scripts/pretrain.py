@@ -16,9 +16,7 @@ import math
 import os
 import platform
 import random
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qlora_tutor import storyworld  # noqa: E402
+from qlora_tutor.paths import atomic_save_dir, atomic_save_file, atomic_write_text  # noqa: E402
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 CONFIGS = {  # the shipped model, and a smaller one a CPU trains in minutes
@@ -130,26 +129,16 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 
 def save_atomically(model, tokenizer, out: Path) -> None:
     """Write the model folder next to `out` first, then swap it into place, so `out` is never half-written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    # A class name every transformers version knows (5.x writes its internal 'TokenizersBackend').
-    tc_path = tmp / "tokenizer_config.json"
-    tc = json.loads(tc_path.read_text())
-    tc["tokenizer_class"] = "PreTrainedTokenizerFast"
-    tc_path.write_text(json.dumps(tc, indent=2) + "\n")
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the model folder is meant to be shared
-    for f in tmp.iterdir():
-        os.chmod(f, 0o644)
-    old = out.parent / f".{out.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old.exists():
-        shutil.rmtree(old)
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        # A class name every transformers version knows (5.x writes its internal 'TokenizersBackend').
+        tc_path = tmp / "tokenizer_config.json"
+        tc = json.loads(tc_path.read_text())
+        tc["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tc_path.write_text(json.dumps(tc, indent=2) + "\n")
+
+    atomic_save_dir(out, write)
 
 
 def plot_loss(history: list[tuple[int, float]], path: Path, title: str) -> None:
@@ -165,7 +154,7 @@ def plot_loss(history: list[tuple[int, float]], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_save_file(path, fig.savefig)
     plt.close(fig)
 
 
@@ -201,7 +190,7 @@ def score_base(model_dir: Path, report_dir: Path, limit: int | None = None) -> d
                              pad_token_id=tok.pad_token_id)
         samples.append(tok.decode(out[0], skip_special_tokens=True))
     result["samples_temperature_0.8"] = samples
-    (report_dir / "base_scores.json").write_text(json.dumps(result, indent=1))
+    atomic_write_text(report_dir / "base_scores.json", json.dumps(result, indent=1))
     return result
 
 
@@ -218,7 +207,7 @@ def finish_in_place(args) -> None:
     save_atomically(model, tokenizer, args.out)
     report = {"unseen_tokens_reset": n_reset, "heldout_perplexity_before_reset": round(before, 4),
               "heldout_perplexity": round(after, 4), "command": "python scripts/pretrain.py " + " ".join(sys.argv[1:])}
-    (args.report_dir or args.out.parent).joinpath("pretrain_reset_unseen.json").write_text(json.dumps(report, indent=1))
+    atomic_write_text((args.report_dir or args.out.parent) / "pretrain_reset_unseen.json", json.dumps(report, indent=1))
     print(report)
 
 
@@ -370,7 +359,7 @@ def main() -> None:
         "command": "python scripts/pretrain.py " + " ".join(sys.argv[1:]),
         "samples": samples, "loss_history": history,
     }
-    (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    atomic_write_text(report_dir / "metrics.json", json.dumps(metrics, indent=1))
     print(json.dumps({k: v for k, v in metrics.items() if k != "loss_history"}, indent=1))
     print(f"saved to {args.out} ({size / 1e6:.1f} MB) in {time.time() - t0:.0f}s total")
 

@@ -17,6 +17,9 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from qlora_tutor.paths import atomic_save_file  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 MAX_TEXT_CHARS = 4000
 
@@ -28,7 +31,15 @@ def _shrink(nb: nbformat.NotebookNode) -> None:
         cell.metadata.pop("execution", None)
         if cell.cell_type != "code":
             continue
+        merged: list = []  # one output per run of stdout (or stderr) text, however the kernel chunked it
         for out in cell.get("outputs", []):
+            if merged and out.get("output_type") == "stream" and merged[-1].get("output_type") == "stream" \
+                    and merged[-1].get("name") == out.get("name"):
+                merged[-1]["text"] += out["text"]
+            else:
+                merged.append(out)
+        cell["outputs"] = merged
+        for out in merged:
             if out.get("output_type") == "stream" and len(out.get("text", "")) > MAX_TEXT_CHARS:
                 out["text"] = out["text"][:MAX_TEXT_CHARS] + "\n... (output cut)\n"
             data = out.get("data", {})
@@ -42,9 +53,7 @@ def run(path: Path, timeout: int) -> float:
                    resources={"metadata": {"path": str(path.parent)}}).execute()
     elapsed = time.perf_counter() - start
     _shrink(nb)
-    tmp = path.with_suffix(".ipynb.tmp")
-    nbformat.write(nb, tmp)
-    os.replace(tmp, path)  # atomic: a failed run never leaves a half-written notebook
+    atomic_save_file(path, lambda tmp: nbformat.write(nb, tmp))  # a failed run never leaves half a notebook
     return elapsed
 
 

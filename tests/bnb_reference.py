@@ -7,7 +7,7 @@
 2. On CPUs with AVX512-FP16 (Intel Sapphire Rapids and later) its C++ kernel rounds the fp32 product to float16
    with ties away from zero; everywhere else (and in ours) ties go to even. Measured on the H200 host's Xeon: 130 of
    4,141,896 values differ, every one an exact float16 tie. Only such ties may differ, and only on such CPUs.
-Both are recorded, per CPU, in benchmarks/results/bnb_cpu_quirks.md (made by benchmarks/bnb_cpu_quirks.py).
+Both are recorded, per CPU, in results/bnb_cpu_quirks.md (made by benchmarks/bnb_cpu_quirks.py).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers, pr
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from qlora_tutor import data
+from qlora_tutor.models import embedded_model_dir
 
 WORDS = ("fox owl cat kite ball red blue green forest river hill Pip Bo Max found lost the a and "
          "went home happy sad was there once upon time named who").split()
@@ -225,7 +226,16 @@ def test_resolve_dataset():
     assert data.resolve_dataset("stories") == data.paths.data_dir() / "stories"
     assert data.resolve_dataset("qa").name == "qa"
     assert data.resolve_dataset("timdettmers/openassistant-guanaco") == "timdettmers/openassistant-guanaco"
-    assert data.EMBEDDED_MODEL_DIR == data.paths.data_dir() / "embedded-model"
+    assert embedded_model_dir() == data.paths.data_dir() / "embedded-model"
+    assert data.resolve_dataset("stories", data_root=data.paths.REPO_ROOT / "data") == data.paths.data_dir() / "stories"
+
+
+def test_an_explicit_data_root_wins_over_the_environment(tmp_path, monkeypatch):
+    (tmp_path / "stories").mkdir()
+    monkeypatch.setenv("QLORA_TUTOR_DATA", str(tmp_path / "nowhere"))
+    assert data.resolve_dataset("stories", data_root=tmp_path) == tmp_path / "stories"
+    with pytest.raises(FileNotFoundError, match="data folder was not found"):
+        data.resolve_dataset("stories")
 
 
 # ------------------------------------------------------------------------------ the embedded data sets
@@ -263,7 +273,7 @@ def test_embedded_outputs_score_one_and_corpus_has_no_instructions():
 
 
 def test_embedded_examples_fit_the_context():
-    tok = AutoTokenizer.from_pretrained(data.EMBEDDED_MODEL_DIR)
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir())
     for skill in ("stories", "qa"):
         for ex in data.load_examples(skill, "train")[:400]:
             f = data.tokenize_example(ex, tok, max_length=256)

@@ -13,8 +13,8 @@ import torch
 
 from qlora_tutor import distributed as dist_mod
 from qlora_tutor import memory
-from qlora_tutor.distributed import (GIB, RankInfo, device_map, per_gpu_memory, quant_storage, rank_info,
-                                     unit_bytes)
+from qlora_tutor.distributed import RankInfo, device_map, quant_storage, rank_info
+from qlora_tutor.memory import GIB, per_gpu_memory, unit_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -280,8 +280,8 @@ def test_per_gpu_memory_rejects_bad_input():
 def test_fsdp_shards_4bit_weights_on_cpus(tmp_path):
     """torch FSDP (the Trainer's recipe) with gloo: uint8 storage is refused; bf16 storage shards in half and
     one step on half a batch per process equals one unsharded step on the whole batch."""
-    cmd = dist_mod.torchrun_command(2, ["fsdp-check", "--storage", "uint8,bf16", "--json", str(tmp_path / "r")],
-                                    module="qlora_tutor.distributed")
+    cmd = dist_mod.torchrun_command(2, ["--storage", "uint8,bf16", "--json", str(tmp_path / "r")],
+                                    module="qlora_tutor.fsdp_check")
     dist_mod.launch(cmd, timeout=180)
     for rank in (0, 1):
         uint8, bf16 = json.loads((tmp_path / f"r.rank{rank}.json").read_text())

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qlora_tutor import data, storyworld as sw
+from qlora_tutor import data, models, storyworld as sw
 
-MODEL_DIR = data.embedded_model_dir()
+MODEL_DIR = models.embedded_model_dir()
 
 
 @pytest.fixture(scope="module")

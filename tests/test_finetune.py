@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
-from qlora_tutor import data, finetune, generation
+from qlora_tutor import data, finetune, generation, paths
 
 NAMES = ["Pip", "Tom", "Ann", "Bo", "Kit", "Lu"]
 THINGS = ["kite", "ball", "hat", "cup", "drum"]
@@ -106,9 +105,11 @@ def test_trainable_parameters_and_4bit_bytes_match_the_shapes():
     shapes = [(h, h), (kv_dim, h), (kv_dim, h), (h, h), (i, h), (i, h), (h, i)] * N_LAYERS  # (out, in)
     r = 4
     assert metrics["trainable_params"] == sum(r * (o + n) for o, n in shapes)
-    # NF4 + double quant: 4 bits per weight, one 8-bit absmax per 64, one fp32 absmax per 256 absmaxes,
-    # 16 fp32 code values and a 256-entry fp32 code table for the absmaxes; other weights counted at 16 bits.
-    linear_bytes = sum(o * n // 2 + o * n // 64 + 4 * -(-(o * n // 64) // 256) + 16 * 4 + 256 * 4 for o, n in shapes)
+    # NF4 + double quant: 4 bits per weight, one 8-bit absmax per 64, one fp32 absmax per 256 absmaxes, the fp32
+    # offset (mean of the absmaxes), 16 fp32 code values and a 256-entry fp32 code table for the absmaxes; other
+    # weights counted at 16 bits.
+    linear_bytes = sum(o * n // 2 + o * n // 64 + 4 * -(-(o * n // 64) // 256) + 4 + 16 * 4 + 256 * 4
+                       for o, n in shapes)
     other = metrics["total_params"] - sum(o * n for o, n in shapes)
     assert metrics["base_bytes_4bit"] == linear_bytes + 2 * other
     assert metrics["base_bytes_16bit"] == 2 * metrics["total_params"]
@@ -116,14 +117,14 @@ def test_trainable_parameters_and_4bit_bytes_match_the_shapes():
 
 def test_atomic_save_dir_replaces_whole_folders_and_survives_a_crash(tmp_path):
     dest = tmp_path / "adapter"
-    finetune.atomic_save_dir(dest, lambda d: (d / "a.txt").write_text("old"))
+    paths.atomic_save_dir(dest, lambda d: (d / "a.txt").write_text("old"))
     def crash(d: Path) -> None:
         (d / "a.txt").write_text("half")
         raise OSError("disk full")
     with pytest.raises(OSError):
-        finetune.atomic_save_dir(dest, crash)
+        paths.atomic_save_dir(dest, crash)
     assert (dest / "a.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
-    finetune.atomic_save_dir(dest, lambda d: (d / "b.txt").write_text("new"))
+    paths.atomic_save_dir(dest, lambda d: (d / "b.txt").write_text("new"))
     assert sorted(p.name for p in dest.iterdir()) == ["b.txt"] and len(list(tmp_path.iterdir())) == 1
 
 
@@ -189,7 +190,7 @@ def test_prompt_ids_are_the_masked_prefix_of_a_training_example():
     ex = {"instruction": "Write about Pip and a kite.", "input": "", "output": "Pip had a kite. The end."}
     feats = data.tokenize_example(ex, tok, 64)
     n_prompt = sum(1 for lab in feats["labels"] if lab == data.IGNORE_INDEX)
-    assert generation.prompt_ids(tok, ex["instruction"]) == feats["input_ids"][:n_prompt]
+    assert data.prompt_ids(tok, ex["instruction"]) == feats["input_ids"][:n_prompt]
 
 
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time():

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from qlora_tutor import memory as M
+from qlora_tutor import counting, measure, memory as M
 from qlora_tutor.memory import GB, ModelShape, estimate
 
 # awkward small shapes: GQA, tied embeddings with qkv bias (Qwen2-like), odd widths, head_dim != hidden/heads
@@ -66,9 +66,9 @@ def _est(shape, method, dt, **kw):
 def test_weights_adapters_constants_exact(shape, method):
     for dt, tdt, qt, dq, r, targets in [("bf16", torch.bfloat16, "nf4", True, 8, "all-linear"),
                                         ("fp32", torch.float32, "fp4", False, 3, ["q_proj", "down_proj"])]:
-        model = M.build_training_model(shape, method, dtype=tdt, lora_r=r, lora_targets=targets, quant_type=qt,
+        model = measure.build_training_model(shape, method, dtype=tdt, lora_r=r, lora_targets=targets, quant_type=qt,
                                        double_quant=dq, gradient_checkpointing=False)
-        got = M.parameter_bytes(model)
+        got = counting.parameter_bytes(model)
         est = _est(shape, method, dt, lora_r=r, lora_targets=targets, quant_type=qt, double_quant=dq)
         c = est.components
         assert got["quantization_constants"] == c["quantization_constants"]
@@ -86,8 +86,8 @@ def test_weights_adapters_constants_exact(shape, method):
 def test_optimizer_state_exact(optimizer):
     shape = ModelShape("opt", 128, 256, 1, 4, 4, 300)  # tensors on both sides of bnb's 4096-value 8-bit cut-off
     for method, r in (("full", 8), ("lora", 4), ("lora", 40)):
-        model = M.build_training_model(shape, method, dtype=torch.float32, lora_r=r, gradient_checkpointing=False)
-        got = M.measure(model, seq_len=8, steps=1, optimizer=optimizer)
+        model = measure.build_training_model(shape, method, dtype=torch.float32, lora_r=r, gradient_checkpointing=False)
+        got = measure.measure(model, seq_len=8, steps=1, optimizer=optimizer)
         est = _est(shape, method, "fp32", lora_r=r, optimizer=optimizer, seq_len=8)
         assert got.optimizer_state == est.components["optimizer_state"], (method, r)
 
@@ -102,9 +102,9 @@ def test_saved_activations_match_autograd(seed):
         T = int(torch.randint(17, 70, ()).item())
         for method in ("full", "lora", "qlora"):
             dt, tdt = (("bf16", torch.bfloat16), ("fp32", torch.float32))[(k + seed) % 2]
-            model = M.build_training_model(shape, method, dtype=tdt, lora_r=4, gradient_checkpointing=False)
+            model = measure.build_training_model(shape, method, dtype=tdt, lora_r=4, gradient_checkpointing=False)
             ids = torch.randint(0, shape.vocab, (1, T))
-            got = M.saved_activation_bytes(model, ids)
+            got = measure.saved_activation_bytes(model, ids)
             want = _est(shape, method, dt, lora_r=4, seq_len=T,
                         gradient_checkpointing=False).details["saved_activations_no_gc"]
             assert abs(got - want) <= 32 * T, (shape.name, method, dt, got, want)
@@ -115,8 +115,8 @@ def test_peak_matches_tracked_cpu_peak(method):
     # CPU stand-in for max_memory_allocated: parameters + peak of live tensor storages over 2 training steps
     shape = SHAPES[1]
     for gc, dt, tdt in ((False, "bf16", torch.bfloat16), (True, "fp32", torch.float32)):
-        model = M.build_training_model(shape, method, dtype=tdt, lora_r=8, gradient_checkpointing=gc)
-        got = M.measure(model, batch_size=2, seq_len=24, steps=2)
+        model = measure.build_training_model(shape, method, dtype=tdt, lora_r=8, gradient_checkpointing=gc)
+        got = measure.measure(model, batch_size=2, seq_len=24, steps=2)
         est = _est(shape, method, dt, lora_r=8, batch_size=2, seq_len=24, gradient_checkpointing=gc)
         assert est.total == pytest.approx(got.peak, rel=0.04), (method, gc, est.total, got.peak)
         assert got.rss_peak > got.peak  # the process holds far more than its tensors
@@ -134,7 +134,7 @@ def test_gradient_checkpointing_and_qlora_shrink_memory():
 
 
 def test_tracker_counts_exactly():
-    with M.TensorMemoryTracker() as tr:
+    with measure.TensorMemoryTracker() as tr:
         a = torch.empty(1000, dtype=torch.float32)
         b = torch.empty(500, dtype=torch.bfloat16)
         v = a.view(10, 100).t()  # a view: no new storage
@@ -170,7 +170,7 @@ def test_config_sources(tmp_path):
 # ---------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("kwargs, match", [
     (dict(config="llama-8b"), "llama-7b"),            # unknown name lists the known ones
-    (dict(method="prefix"), "full, lora, qlora"),
+    (dict(method="prefix"), "qlora, lora, full"),
     (dict(batch_size=0), "batch_size"),
     (dict(batch_size=-2), "batch_size"),
     (dict(seq_len=0), "seq_len"),
@@ -191,6 +191,6 @@ def test_bad_config_type_and_measure_input():
     with pytest.raises(TypeError, match="PretrainedConfig"):
         estimate(42, "lora")
     with pytest.raises(TypeError, match="nn.Module or a callable"):
-        M.measure("model")
+        measure.measure("model")
     with pytest.raises(ValueError, match="steps"):
-        M.measure(lambda: None, steps=0)
+        measure.measure(lambda: None, steps=0)

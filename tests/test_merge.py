@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qlora_tutor import finetune, merge
+from qlora_tutor import finetune, merge, models
 from test_finetune import tiny_setup, trained_run
 
 
@@ -54,7 +54,7 @@ def test_merge_onto_the_original_weights_matches_peft_on_the_fp32_base(qlora_mod
     from peft import PeftModel
     out, _ = qlora_model
     merged, _, cfg = merge.merged_model(out, base="original")
-    base = finetune.load_base(cfg.model, "lora", torch.float32)
+    base = models.load_base(cfg.model, "lora", torch.float32)
     peft_model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
     x = _ids(7, base.config.vocab_size)
     torch.testing.assert_close(merged(input_ids=x).logits, peft_model(input_ids=x).logits, rtol=1e-5, atol=1e-5)

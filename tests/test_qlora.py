@@ -12,8 +12,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from layer_helpers import OneLinear, rel_error
 from qlora_tutor import hardware
 from qlora_tutor.lora import LoRALinear
-from qlora_tutor.qlora import (QLoRALinear, QuantizedLinear, _DequantLinear, add_adapters, count_parameters,
-                               linear_weight_memory)
+from qlora_tutor.counting import count_parameters, linear_weight_memory
+from qlora_tutor.qlora import DequantLinear, QLoRALinear, QuantizedLinear, add_adapters
 from qlora_tutor.quant import QuantizedTensor
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -101,7 +101,7 @@ def test_dequant_linear_passes_gradcheck_in_float64():
     qw = _quantize_for_test(torch.randn(5, 64))
     x = torch.randn(2, 64, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(5, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda t: _DequantLinear.apply(t, qw, bias, torch.float64), (x,))
+    assert torch.autograd.gradcheck(lambda t: DequantLinear.apply(t, qw, bias, torch.float64), (x,))
 
 
 def _quantize_for_test(w: torch.Tensor) -> QuantizedTensor:
@@ -308,7 +308,7 @@ def test_no_dequantized_weight_is_kept_for_backward(monkeypatch):
     assert len(needs_grad) == n_quant and 0 < sum(needs_grad) < n_quant
     assert made == n_quant + sum(needs_grad)
     # the same checks catch the naive version, so they can fail
-    monkeypatch.setattr(_DequantLinear, "apply", staticmethod(_naive_apply))
+    monkeypatch.setattr(DequantLinear, "apply", staticmethod(_naive_apply))
     assert len(_saved_weight_like_tensors(model, x)) >= sum(needs_grad)
     _, alive_mid, alive_end = _alive_after_forward(model, x)
     assert alive_mid >= sum(needs_grad) and alive_end == 0

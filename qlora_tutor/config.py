@@ -1,0 +1,134 @@
+"""Every knob of a fine-tuning run and the lists of allowed values, in one place, with no heavy imports.
+
+This module imports neither torch nor transformers, so that `qlora-tutor --help` (which reads the defaults and
+choices from here) is instant, and so that a new training option is one field here plus its help line in cli.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("qlora", "lora", "full")  # 4-bit base + LoRA | LoRA on a 16/32-bit base | every weight trained
+BNB_QUANT_TYPES = ("nf4", "fp4")     # the 4-bit types bitsandbytes has kernels for (its valid 4-bit quant_type)
+COMPUTE_DTYPES = ("auto", "bf16", "fp16", "fp32")
+SAVE_DTYPES = ("bf16", "fp16")       # 16-bit dtypes a merged model is saved in
+
+# The one table of dtype names: every alias a user may type -> canonical torch name, and bytes per value.
+DTYPE_ALIASES = {
+    "fp32": "float32", "float32": "float32",
+    "fp16": "float16", "float16": "float16", "half": "float16",
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def canonical_dtype(name: Any, what: str = "dtype") -> str:
+    """'bf16', 'torch.bfloat16', 'half', ... -> 'bfloat16' (a torch attribute name); a clear error otherwise."""
+    key = str(name).lower().replace("torch.", "")
+    if key not in DTYPE_ALIASES:
+        raise ValueError(f"unknown {what} {name!r}: use 'bf16', 'fp16' or 'fp32'")
+    return DTYPE_ALIASES[key]
+
+
+def dtype_bytes(name: Any, what: str = "dtype") -> int:
+    """Bytes per value of 'bf16', 'fp16' or 'fp32' (or any alias); `what` names the argument in the error."""
+    return DTYPE_BYTES[canonical_dtype(name, what)]
+
+
+def knob(default: Any, group: str, help: str, *flags: str, **argparse_options: Any) -> Any:
+    """A FinetuneConfig field that is also a `qlora-tutor finetune` option: `flags` (default: --field-name),
+    the help a learner reads, and the argparse group it is listed under. The CLI is built from these alone."""
+    return field(default=default, metadata={"group": group, "help": help, "flags": flags, "argparse": argparse_options})
+
+
+MODEL_HELP = ("base model: 'embedded' (the project's own tiny Llama in data/, works offline), a local folder with "
+              "config.json and weights, or a hub id. Models that fit a free Colab T4 in 4-bit: "
+              "Qwen/Qwen2.5-0.5B-Instruct, Qwen/Qwen2.5-1.5B, TinyLlama/TinyLlama-1.1B-Chat-v1.0.")
+DATA_HELP = ("instruction data: 'stories' or 'qa' (embedded, offline), a .jsonl file with instruction/input/output, "
+             "a local folder (train.jsonl/test.jsonl or a hub-style data set), or a hub id in Alpaca or Guanaco "
+             "('### Human: ... ### Assistant: ...') format")
+_D = " (default: %(default)s)"
+
+
+@dataclass
+class FinetuneConfig:
+    """Every knob of a run. Defaults are the demo: the embedded model and stories, QLoRA NF4 + double quantization,
+    LoRA on all linear layers, a few minutes on a laptop CPU. Each field's help is what `qlora-tutor finetune
+    --help` prints; a new training option is one field here."""
+
+    model: str = knob("embedded", "model and data", MODEL_HELP + _D)
+    data: str = knob("stories", "model and data", DATA_HELP + _D)
+    output: str = knob("runs/demo", "model and data", "folder for the adapter, checkpoints, metrics.json and "
+                       "loss_curve.png" + _D)
+    method: str = knob("qlora", "method and quantization", (
+        "qlora: 4-bit frozen base + LoRA (the paper). lora: LoRA on a 16-bit (GPU) / 32-bit (CPU) base. "
+        "full: train every weight (needs much more memory and a lower --lr, e.g. 1e-4)." + _D), choices=METHODS)
+    quant_type: str = knob("nf4", "method and quantization", (
+        "4-bit data type: nf4 puts its 16 levels at quantiles of a normal distribution, matching how weights are "
+        "spread; fp4 is a tiny float format (bitsandbytes' own default)." + _D), choices=BNB_QUANT_TYPES)
+    double_quant: bool = knob(True, "method and quantization", (
+        "keep the per-block scale constants in 32-bit instead of quantizing them to 8-bit (double quantization "
+        "saves ~0.37 bit per parameter, ~3 GB on a 65B model, at no measurable quality cost)"), "--no-double-quant")
+    dtype: str = knob("auto", "method and quantization", (
+        "compute dtype: weights are dequantized to it for each matmul. auto = bf16 on GPUs that have it, fp16 on "
+        "T4/V100 (adapters kept in fp32 so mixed precision works), fp32 on CPU." + _D), choices=COMPUTE_DTYPES)
+    r: int = knob(16, "LoRA adapters", (
+        "rank of each adapter: the update B·A has rank r. 8-64 is usual; the paper found r matters little when "
+        "all linear layers are adapted. Under torchrun write --lora-r (torchrun takes --r for one of its own "
+        "options)." + _D), "--r", "--lora-r")
+    lora_alpha: float = knob(32.0, "LoRA adapters", (
+        "the adapter's output is multiplied by alpha/r. Raising alpha acts like raising the learning rate of the "
+        "adapters; keep alpha fixed and tune --lr (common: alpha = r or 2r; the paper used r=64, alpha=16)." + _D))
+    lora_dropout: float = knob(0.05, "LoRA adapters", (
+        "dropout on the adapter's input only (the base path is untouched); 0.05-0.1 helps small models against "
+        "overfitting" + _D))
+    target_modules: str = knob("all-linear", "LoRA adapters", (
+        "which linear layers get adapters: 'all-linear' (the paper: needed to match full fine-tuning) or a comma "
+        "list such as 'q_proj,v_proj' (what many tutorials do)" + _D))
+    max_steps: int = knob(250, "training", "optimizer steps; each sees --batch-size x --grad-accum examples" + _D,
+                          "--steps")
+    learning_rate: float = knob(2e-3, "training", (
+        "learning rate. LoRA on a tiny model likes 1e-3..3e-3; 7B-13B models in the paper: 2e-4; full "
+        "fine-tuning: 1e-5..1e-4" + _D), "--lr")
+    batch_size: int = knob(8, "training", (
+        "examples per step; lower it if you run out of memory and raise --grad-accum to compensate" + _D))
+    grad_accum: int = knob(1, "training", (
+        "add up gradients of this many batches before each update: same result as a bigger batch, same memory" + _D))
+    max_length: int = knob(176, "training", (
+        "longest example in tokens (prompt + answer); longer answers are cut. Memory grows with it." + _D))
+    warmup_steps: int = knob(5, "training", (
+        "steps over which the learning rate rises from 0; then it stays constant (the paper's schedule)" + _D))
+    max_grad_norm: float = knob(0.3, "training", (
+        "clip the gradient's norm to this value; the paper's 0.3 keeps updates stable" + _D))
+    optim: str = knob("auto", "training", (
+        "optimizer name for the transformers Trainer. auto = paged_adamw_32bit on CUDA (its state sits in "
+        "unified memory: evicted to CPU RAM when the GPU runs short and paged back for the update, so a memory "
+        "spike does not crash the run) and adamw_torch on CPU, where there is nothing to page" + _D))
+    gradient_checkpointing: bool = knob(True, "training", (
+        "keep all activations instead of recomputing them in the backward pass: faster, but more memory"),
+        "--no-gradient-checkpointing")
+    seed: int = knob(0, "training", "random seed (same seed, same machine: same run)")
+    threads: int = knob(0, "training", (
+        "CPU threads for torch. 0 = auto: 1 thread for small models on a CPU (their matrices are too small to "
+        "split; extra threads mostly wait on each other, badly so when other programs share the cores), "
+        "torch's default otherwise" + _D))
+    train_examples: int | None = knob(None, "training", "use only the first N training examples (default: all)",
+                                      type=int)
+    save_steps: int = knob(50, "training", (
+        "write a checkpoint every N steps so --resume can continue after an interruption; 0 = none" + _D))
+    logging_steps: int = knob(5, "training", "record the training loss every N steps (the loss curve)" + _D)
+    eval_examples: int = knob(64, "evaluation", "held-out examples for the loss" + _D)
+    generate_examples: int = knob(32, "evaluation", (
+        "held-out prompts answered (greedy) and scored; generation is the slow part on a CPU" + _D))
+    max_new_tokens: int = knob(120, "evaluation", "longest generated answer in tokens" + _D)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields a checkpoint must share with this config to be resumed."""
+        return {k: getattr(self, k) for k in RUN_IDENTITY}
+
+
+# Fields that define what is trained; a resume must match them (steps, evaluation and output may change).
+RUN_IDENTITY = ("model", "data", "method", "quant_type", "double_quant", "dtype", "r", "lora_alpha", "lora_dropout",
+                "target_modules", "learning_rate", "batch_size", "grad_accum", "max_length", "warmup_steps",
+                "max_grad_norm", "seed", "train_examples", "gradient_checkpointing", "optim")
