@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-STEPS, LONG_STEPS, SEEDS = 150, 450, (0, 1, 2)
+STEPS, LONG_STEPS, SEEDS = 150, 300, (0, 1, 2)
 COMMON = dict(data="stories", batch_size=16, r=16, lora_alpha=32.0, lora_dropout=0.05, learning_rate=5e-4,
               max_length=192, max_new_tokens=150, eval_examples=128, generate_examples=64, save_steps=0,
               logging_steps=10, warmup_steps=10)
@@ -42,10 +42,18 @@ def jobs(steps: int, long_steps: int, seeds: tuple[int, ...]) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ the workers
+def settings(quick: bool) -> dict:
+    """The runs' settings; `quick` shrinks everything so that the script can be tried on a CPU in a minute."""
+    if not quick:
+        return dict(COMMON)
+    return {**COMMON, "batch_size": 2, "eval_examples": 4, "generate_examples": 2, "max_new_tokens": 8}
+
+
 def train_worker(job: dict) -> dict:
     from qlora_tutor import finetune
     cfg = finetune.FinetuneConfig(model="smollm2-135m", method=job["method"], seed=job["seed"],
-                                  max_steps=job["steps"], output=f"/tmp/real_model_gpu/{job['name']}", **COMMON)
+                                  max_steps=job["steps"], output=f"/tmp/real_model_gpu/{job['name']}",
+                                  **settings(job.get("quick", False)))
     m = finetune.run(cfg, save=False, eval_before=job["eval_before"], progress="none")
     keep = ("config", "device", "versions", "compute_dtype", "trainable_params", "total_params", "train_seconds",
             "total_seconds", "peak_memory_bytes", "loss_history", "optimizer")
@@ -58,26 +66,35 @@ def train_worker(job: dict) -> dict:
 
 def memory_worker(job: dict) -> dict:
     import torch
-    from qlora_tutor import finetune, memory, real_model
+    from qlora_tutor import finetune, measure, memory, models, real_model
     folder = real_model.ensure_model(log=lambda *_: None)
-    method, r, batch, seq = job["method"], 16, 4, 512
+    method, r = job["method"], 16
+    batch, seq = (1, 64) if job.get("quick") else (4, 512)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if job["source"] == "real":  # the fine-tune's own loading: bitsandbytes via transformers, PEFT, checkpointing
         cfg = finetune.FinetuneConfig(model="smollm2-135m", method=method, r=r, gradient_checkpointing=True)
-        base = finetune.load_base(str(folder), method, torch.bfloat16, "nf4", True)
+        base = models.load_base(str(folder), method, dtype, "nf4", True)
         model = finetune.prepare_for_training(base, cfg)
     else:  # random weights of the same shape, built as memory.estimate() assumes (bf16 non-quantized weights)
         from transformers import AutoConfig
-        model = memory.build_training_model(AutoConfig.from_pretrained(folder), method, dtype=torch.bfloat16,
-                                            lora_r=r, gradient_checkpointing=True, device="cuda")
-    measured = memory.measure(model, batch_size=batch, seq_len=seq, steps=2, optimizer="adamw_32bit")
-    est = memory.estimate(str(folder), method, weight_dtype="bf16", lora_r=r, batch_size=batch, seq_len=seq,
-                          gradient_checkpointing=True, optimizer="adamw_32bit")
+        model = measure.build_training_model(AutoConfig.from_pretrained(folder), method, dtype=dtype,
+                                             lora_r=r, gradient_checkpointing=True, device=device)
+    measured = measure.measure(model, batch_size=batch, seq_len=seq, steps=2, optimizer="adamw_32bit")
+    est = memory.estimate(str(folder), method, weight_dtype="bf16" if device == "cuda" else "fp32", lora_r=r,
+                          batch_size=batch, seq_len=seq, gradient_checkpointing=True, optimizer="adamw_32bit",
+                          device=device)
     return {"measured_peak": measured.peak, "estimated_peak": est.total, "ratio": measured.peak / est.total,
             "components": est.components, "parameter_bytes": measured.parameter_bytes,
             "optimizer_state": measured.optimizer_state, "batch": batch, "seq_len": seq, "r": r}
 
 
 def worker(spec: str, result_path: str) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from qlora_tutor.quiet import hide_library_notices
+    hf_logging.disable_progress_bar()  # an entry point: its own process, its own log
+    hide_library_notices()
     job = json.loads(spec)
     t0 = time.time()
     result = (train_worker if job["kind"] == "train" else memory_worker)(job)
@@ -152,6 +169,7 @@ def main() -> None:
     parser.add_argument("--long-steps", type=int, default=LONG_STEPS)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--only", nargs="*", default=None, help="run only these job names (for testing)")
+    parser.add_argument("--quick", action="store_true", help="tiny settings, to try the script on a CPU")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -168,13 +186,15 @@ def main() -> None:
     folder = real_model.ensure_model(args.gguf or real_model.SMOLLM2_135M.name)
     print(f"model folder {folder} ({time.time() - t0:.0f} s)", flush=True)
     machine = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    todo = [j for j in jobs(args.steps, args.long_steps, tuple(args.seeds)) if args.only is None or j["name"] in args.only]
+    todo = [{**j, "quick": args.quick} for j in jobs(args.steps, args.long_steps, tuple(args.seeds))
+            if args.only is None or j["name"] in args.only]
     procs = {}
     for job in todo:
         log = open(work / f"{job['name']}.log", "w")
         cmd = [sys.executable, __file__, "--out", str(out), "--worker", json.dumps(job),
                "--result", str(work / f"{job['name']}.json")]
-        procs[job["name"]] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()), log)
+        env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}  # many processes, 1 GPU
+        procs[job["name"]] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
     deadline = t0 + args.deadline
     while time.time() < deadline and any(p.poll() is None for p, _ in procs.values()):
         time.sleep(2)
