@@ -304,3 +304,16 @@ def ensure_model(model: str | os.PathLike = SMOLLM2_135M.name, rebuild: bool = F
     log(f"converting {gguf_path.name} to a transformers folder, once ({'rebuild asked' if rebuild else problem}); "
         f"it goes to {dest}")
     return convert_gguf(gguf_path, dest, sha, extra_files=extra)
+
+
+# ------------------------------------------------------------------------------------ the GGUF's own 4-bit grid
+def q4_1_round_trip(w: torch.Tensor) -> torch.Tensor:
+    """`w` rounded to llama.cpp's Q4_1 (blocks of 32 along each row: fp16 scale and minimum, 4-bit codes) and back,
+    with the gguf package's reference code: what storing a merged weight back into the GGUF's format would keep."""
+    import gguf
+    if w.shape[-1] % 32:
+        raise ValueError(f"Q4_1 needs rows whose length is a multiple of 32, got shape {tuple(w.shape)}")
+    kind = gguf.GGMLQuantizationType.Q4_1
+    rows = w.detach().float().cpu().reshape(-1, w.shape[-1]).numpy()
+    back = gguf.quants.dequantize(gguf.quants.quantize(rows, kind), kind)
+    return torch.from_numpy(back.copy()).reshape(w.shape).to(w.dtype)
