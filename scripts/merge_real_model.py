@@ -31,22 +31,6 @@ def rounded_copy(model: torch.nn.Module, round_trip) -> torch.nn.Module:
     return out
 
 
-@torch.no_grad()
-def update_survival(adapter_model: torch.nn.Module, round_trip) -> float:
-    """||R(W4 + dW) - (W4 + dW)|| / ||dW|| pooled over the adapted layers: rounding error relative to the update."""
-    import bitsandbytes.functional as F
-    err = norm = 0.0
-    for module in adapter_model.modules():
-        weight = getattr(getattr(module, "base_layer", None), "weight", None)
-        if weight is None or getattr(weight, "quant_state", None) is None or "default" not in module.lora_A:
-            continue
-        delta = module.get_delta_weight("default").float()
-        exact = F.dequantize_4bit(weight.data, weight.quant_state).float() + delta
-        err += (round_trip(exact).float() - exact).pow(2).sum().item()
-        norm += delta.pow(2).sum().item()
-    return (err / norm) ** 0.5
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default=str(ROOT / "runs" / "smollm-cpu"))
@@ -77,9 +61,8 @@ def main() -> None:
     loss_base = generation.heldout_loss(base_only, tokenizer, held_out, cfg.max_length, 8)
     losses = {k: generation.heldout_loss(m.float() if k.startswith("merged, saved") else m, tokenizer, held_out,
                                          cfg.max_length, 8) for k, m in variants.items()}
-    survival = {"NF4 + DQ": update_survival(adapter_model, nf4),
-                "Q4_1": update_survival(adapter_model, real_model.q4_1_round_trip),
-                "bf16": update_survival(adapter_model, lambda w: w.bfloat16().float())}
+    errors = merge.requantization_error(adapter_model, round_trips={"q4_1": real_model.q4_1_round_trip})
+    survival = {"NF4 + DQ (bitsandbytes)": errors["requant_4bit"], "Q4_1": errors["q4_1"], "bf16": errors["round_16bit"]}
     v = hardware.versions()
     gain = loss_base - losses["base + adapter (4-bit base, as trained)"]
     lines = [
