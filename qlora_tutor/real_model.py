@@ -30,7 +30,7 @@ from .quiet import quiet_gguf_loading
 SUPPORTED_ARCHITECTURES = ("llama",)  # what the converter is tested on (transformers reads more)
 MANIFEST = "qlora_tutor_conversion.json"  # written last: a folder without it is incomplete
 CACHE_ENV = "QLORA_TUTOR_CACHE"
-CONVERTER_VERSION = 1  # raise when the folder's contents change: older caches are then rebuilt
+CONVERTER_VERSION = 2  # raise when the folder's contents change: older caches are then rebuilt
 
 
 @dataclass(frozen=True)
@@ -120,13 +120,21 @@ def gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return dict(_metadata_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns))
 
 
+# The GGUF header's own special tokens. transformers' GGUF tokenizer conversion has picked them differently across
+# its 5.x releases (5.17 made <|im_start|> the end-of-sequence token of SmolLM2 and set no pad token; 5.24 takes
+# <|im_end|>), so the converted folder sets them from the header, whatever transformers does.
+_SPECIAL_IDS = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
+                "pad": "tokenizer.ggml.padding_token_id"}
+
+
 @lru_cache(maxsize=16)
 def _metadata_cached(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
     import gguf
     try:
         reader = gguf.GGUFReader(str(path))
         fields = {k: reader.fields[k].contents() for k in (
-            "general.architecture", "general.name", "general.file_type") if k in reader.fields}
+            "general.architecture", "general.name", "general.file_type", *_SPECIAL_IDS.values())
+            if k in reader.fields}
         tensors = len(reader.tensors)
     except (ValueError, IndexError, KeyError, OSError, EOFError) as e:
         raise GGUFError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it may be truncated or "
@@ -134,7 +142,9 @@ def _metadata_cached(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
     arch = fields.get("general.architecture")
     if not arch:
         raise GGUFError(f"{path}: the GGUF header names no architecture (general.architecture)")
-    return {"architecture": str(arch), "name": str(fields.get("general.name", "")), "tensors": tensors}
+    special = {role: int(fields[key]) for role, key in _SPECIAL_IDS.items() if key in fields}
+    return {"architecture": str(arch), "name": str(fields.get("general.name", "")), "tensors": tensors,
+            "special_token_ids": special}
 
 
 def check_gguf(path: str | os.PathLike, expected_sha256: str | None = None) -> dict[str, Any]:
@@ -246,6 +256,10 @@ def convert_gguf(gguf_path: str | os.PathLike, dest: str | os.PathLike, sha256: 
     dest = Path(dest)
     model, tokenizer = load_from_gguf(gguf_path, dtype)
     tokenizer.model_max_length = model.config.max_position_embeddings  # the GGUF leaves it unset (1e30)
+    for role, token_id in gguf_metadata(gguf_path)["special_token_ids"].items():  # see _SPECIAL_IDS
+        setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
+        setattr(model.config, f"{role}_token_id", token_id)
+        setattr(model.generation_config, f"{role}_token_id", token_id)
 
     def write(tmp: Path) -> None:
         with quiet_gguf_loading():

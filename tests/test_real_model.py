@@ -66,6 +66,27 @@ def test_tokenizer_keeps_the_chat_template_and_special_tokens(smollm_dir):
     assert tok.model_max_length == 8192
 
 
+def test_special_tokens_come_from_the_gguf_header_whatever_transformers_picks(smollm_dir, reader, monkeypatch,
+                                                                              tmp_path):
+    """transformers 5.17's GGUF conversion made <|im_start|> SmolLM2's end-of-sequence token and set no pad token;
+    the converter sets bos/eos/pad from the header's tokenizer.ggml.*_token_id, so every version gives the same."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    header = {role: reader.fields[f"tokenizer.ggml.{key}"].contents()
+              for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id"))}
+
+    def like_transformers_5_17(path, dtype):
+        tok = AutoTokenizer.from_pretrained(smollm_dir)
+        tok.eos_token, tok.pad_token = "<|im_start|>", None
+        return AutoModelForCausalLM.from_pretrained(smollm_dir, dtype=dtype), tok
+
+    monkeypatch.setattr(real_model, "load_from_gguf", like_transformers_5_17)
+    out = real_model.convert_gguf(require_gguf(), tmp_path / "converted", "0" * 64)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id} == header
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert {role: generation[f"{role}_token_id"] for role in header} == header
+
+
 def test_manifest_records_checksum_and_every_file(smollm_dir):
     manifest = json.loads((smollm_dir / real_model.MANIFEST).read_text())
     assert manifest["gguf_sha256"] == real_model.SMOLLM2_135M.sha256 and manifest["dtype"] == "float32"
