@@ -95,15 +95,17 @@ def heldout_loss(model: Any, tokenizer: Any, examples: Sequence[dict], max_lengt
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        feats = [data.tokenize_example(ex, tokenizer, max_length) for ex in examples[start:start + batch_size]]
-        batch = {k: v.to(device) for k, v in collate(feats).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                   ignore_index=data.IGNORE_INDEX, reduction="sum")
-        total += losses.item()
-        count += int((labels != data.IGNORE_INDEX).sum())
+    with dequantize_once(model):  # each batch would dequantize every 4-bit weight again
+        for start in range(0, len(examples), batch_size):
+            feats = [data.tokenize_example(ex, tokenizer, max_length) for ex in examples[start:start + batch_size]]
+            batch = {k: v.to(device) for k, v in collate(feats).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            labels = batch["labels"][:, 1:]
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                       labels.reshape(-1), ignore_index=data.IGNORE_INDEX,
+                                                       reduction="sum")
+            total += losses.item()
+            count += int((labels != data.IGNORE_INDEX).sum())
     model.train(was_training)
     return total / count if count else math.nan
 
