@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import hardware
+from . import fused_layer, hardware
 from .lora import LoRAAdapterMixin, LoRALinear, check_rank_alpha
 from .quant import QuantizedTensor, check_quant_type, quantize
 from .targets import find_linear_targets, output_head_names
@@ -35,6 +35,10 @@ class DequantLinear(torch.autograd.Function):
                 compute_dtype: torch.dtype) -> torch.Tensor:
         # Not save_for_backward: that is for tensors; the QuantizedTensor is a plain object the module owns anyway.
         ctx.qweight, ctx.compute_dtype = qweight, compute_dtype
+        if not ctx.needs_input_grad[0]:  # a few tokens, no gradient (generation): one fused Triton kernel on CUDA
+            out = fused_layer.small_matmul(x, qweight, bias, compute_dtype)
+            if out is not None:
+                return out
         w = qweight.dequantize(compute_dtype)  # temporary: freed when forward returns
         return F.linear(x, w, bias)
 
@@ -137,7 +141,14 @@ class QLoRALinear(LoRAAdapterMixin, nn.Module):
     def compute_dtype(self) -> torch.dtype:
         return self.base_layer.compute_dtype
 
+    # True: base + adapter as one autograd node (fused_layer.py; same bits). Off by default: on the H200 it saved
+    # 2% of a layer's forward+backward (results/triton/layer_gpu.md), and the module path is the one
+    # notebook 04 takes apart.
+    fused = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return fused_layer.qlora_forward(self, x)
         result = self.base_layer(x)
         return result + self.lora_forward(x).to(result.dtype)
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from . import native
+from . import native, triton_kernels
 from .config import BNB_QUANT_TYPES  # the types bitsandbytes has kernels for: to/from_bitsandbytes accept these
 
 if TYPE_CHECKING:
@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 BLOCKSIZES = tuple(2**k for k in range(5, 13))  # 32 ... 4096, what bitsandbytes' 4-bit path accepts
 NESTED_BLOCKSIZE = 256  # block size of the 8-bit quantization of the constants (paper section 3, bitsandbytes)
-DEQUANTIZE_BACKENDS = ("auto", "native", "torch")
+DEQUANTIZE_BACKENDS = ("auto", "native", "torch", "triton")
+QUANTIZE_BACKENDS = ("auto", "torch", "triton")  # auto: the Triton kernel on CUDA where available, else PyTorch
 NF4_OFFSET = 0.9677083  # outermost quantile probability in bitsandbytes' create_normal_map
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CHUNK = 1 << 22  # values per step: temporaries stay below ~80 MB whatever the tensor size, and few steps
@@ -233,8 +234,22 @@ def _pack(positions: torch.Tensor) -> torch.Tensor:
     return (positions[0::2] << 4) | positions[1::2]
 
 
-def _quantize_flat(flat: torch.Tensor, quant_type: str, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _use_triton(backend: str, device: torch.device) -> bool:
+    """quantize's choice: the Triton kernels when asked for, or by default on CUDA where they are available."""
+    return backend == "triton" or (backend == "auto" and device.type == "cuda" and triton_kernels.available(device))
+
+
+def _quantize_flat(flat: torch.Tensor, quant_type: str, blocksize: int,
+                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Packed codes and fp32 absmax of a flat tensor, with bitsandbytes' arithmetic (x * (1/absmax) in fp32)."""
+    if backend not in QUANTIZE_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(map(repr, QUANTIZE_BACKENDS))}")
+    if _use_triton(backend, flat.device):
+        t = _tables(quant_type, flat.device)  # one Triton kernel, same bits (triton_kernels.py)
+        packed, absmax = triton_kernels.quantize_4bit(flat.contiguous(), t.midpoints, t.order, blocksize)
+        if not torch.isfinite(absmax).all():
+            _raise_non_finite(flat)
+        return packed, absmax
     n = flat.numel()
     full = n - n % blocksize
     positions = torch.empty(n + n % 2, dtype=torch.uint8, device=flat.device)
@@ -298,6 +313,12 @@ def _dequantize_8bit(q: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> t
     return (values * absmax.unsqueeze(1)).reshape(-1)[:n]
 
 
+@lru_cache(maxsize=None)
+def _device_tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 16-value code book and the 256-value dynamic map on `device` (for the Triton kernel), copied once."""
+    return _codebook_cpu(quant_type).to(device), _dynamic_map_cpu().to(device)
+
+
 @dataclass(frozen=True, eq=False)
 class QuantizedTensor:
     """A 4-bit blockwise-quantized tensor: packed codes plus the constants needed to get the values back.
@@ -338,8 +359,10 @@ class QuantizedTensor:
         """The values the codes stand for, code value * block absmax in fp32, then cast to `dtype` (default: original).
 
         backend: "torch" is the PyTorch code below (the one the notebooks explain, any device); "native" is the
-        same arithmetic in one C pass (`native.py`, CPU only, float32/bfloat16/float16); "auto" (default) takes
-        "native" where it applies and is available, else "torch". All give the same bits.
+        same arithmetic in one C pass (`native.py`, CPU only, float32/bfloat16/float16); "triton" is one Triton
+        kernel (`triton_kernels.py`, CUDA, or the CPU under TRITON_INTERPRET=1); "auto" (default) takes "triton"
+        on CUDA and "native" on the CPU where they apply and are available, else "torch". All give the same bits.
+        Under torch.compile this is one custom operator (`torch.ops.qlora_tutor.dequantize_4bit`).
         """
         dtype = self.dtype if dtype is None else dtype
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -347,13 +370,39 @@ class QuantizedTensor:
                             f"float16 (or None for the original {self.dtype}), not {dtype!r}")
         if backend not in DEQUANTIZE_BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(map(repr, DEQUANTIZE_BACKENDS))}")
+        if torch.compiler.is_compiling():  # dynamo cannot trace ctypes or Triton launches: an opaque operator
+            return torch.ops.qlora_tutor.dequantize_4bit(
+                self.packed, self.absmax, self.nested_absmax, self.offset, list(self.shape), self.blocksize,
+                self.nested_blocksize, self.quant_type, dtype, backend)
+        return self._dequantize_eager(dtype, backend)
+
+    def _dequantize_eager(self, dtype: torch.dtype, backend: str) -> torch.Tensor:
         native_fits = self.device.type == "cpu" and dtype in _FLOAT_DTYPES
         if backend == "native" and not native_fits:
             raise ValueError(f"the native backend runs on the CPU and returns float32, bfloat16 or float16; this "
                              f"is {dtype} on {self.device}: use backend='torch' (or 'auto')")
+        if backend == "triton" or (backend == "auto" and self.device.type == "cuda" and self._triton_fits(dtype)):
+            return self._dequantize_triton(dtype)
         if backend == "native" or (backend == "auto" and native_fits and native.available()):
             return self._dequantize_native(dtype)
         return self._dequantize_torch(dtype)
+
+    def _triton_fits(self, dtype: torch.dtype) -> bool:
+        """"auto" takes the kernel where it runs; a bf16 output on a GPU without bf16 stays on the PyTorch path."""
+        if dtype not in _FLOAT_DTYPES or not triton_kernels.available(self.device):
+            return False
+        return dtype != torch.bfloat16 or triton_kernels.has_bf16(self.device)
+
+    def _dequantize_triton(self, dtype: torch.dtype) -> torch.Tensor:
+        code, dynamic = _device_tables(self.quant_type, self.device)
+        if self.double_quant:
+            out = triton_kernels.dequantize_4bit(
+                self.packed, code, self.numel, self.blocksize, dtype, qabsmax=self.absmax, dynamic_map=dynamic,
+                nested_absmax=self.nested_absmax, offset=self.offset, nested_blocksize=self.nested_blocksize)
+        else:
+            out = triton_kernels.dequantize_4bit(self.packed, code, self.numel, self.blocksize, dtype,
+                                                 absmax=self.absmax)
+        return out.view(self.shape)
 
     def _dequantize_native(self, dtype: torch.dtype, **options) -> torch.Tensor:
         """The native path; `options` (use_avx512, threads, stream) go to `native.dequantize_4bit` (for tests)."""
@@ -477,20 +526,88 @@ class QuantizedTensor:
 
 
 def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
-             double_quant: bool = False) -> QuantizedTensor:
+             double_quant: bool = False, backend: str = "auto") -> QuantizedTensor:
     """Quantize `w` to 4 bits blockwise (absmax scaling, nearest code), as bitsandbytes' quantize_4bit does on CPU.
 
     `double_quant=True` also quantizes the per-block absmax: subtract the mean, then 8-bit dynamic map in
     blocks of 256 (bitsandbytes' compress_statistics=True), saving about 0.37 bits per parameter.
+    backend: "torch" (the code the notebooks explain), "triton" (one kernel for the codes, one for the 8-bit
+    constants: CUDA, or the CPU under TRITON_INTERPRET=1) or "auto" (Triton on CUDA where available); same bits.
     """
     _check_weight(w)
     quant_type = check_quant_type(quant_type)
     blocksize = _check_blocksize(blocksize)
+    if torch.compiler.is_compiling():  # one opaque operator (see the end of this file)
+        packed, absmax, nested, offset = torch.ops.qlora_tutor.quantize_4bit(w.detach(), quant_type, blocksize,
+                                                                            double_quant)
+        return QuantizedTensor(packed, absmax, w.shape, w.dtype, blocksize, quant_type,
+                               nested if double_quant else None, offset if double_quant else None)
     flat = w.detach().reshape(-1)
-    packed, absmax = _quantize_flat(flat, quant_type, blocksize)
+    packed, absmax = _quantize_flat(flat, quant_type, blocksize, backend)
     if not double_quant:
         return QuantizedTensor(packed, absmax, w.shape, w.dtype, blocksize, quant_type)
     offset = absmax.mean()
-    qabsmax, nested_absmax = _quantize_8bit_cpu_rule(absmax - offset, NESTED_BLOCKSIZE)
+    if _use_triton(backend, absmax.device):  # the 8-bit step as one kernel too (same bits)
+        qabsmax, nested_absmax = triton_kernels.quantize_constants(absmax, offset, _grid_table(absmax.device),
+                                                                   NESTED_BLOCKSIZE)
+    else:
+        qabsmax, nested_absmax = _quantize_8bit_cpu_rule(absmax - offset, NESTED_BLOCKSIZE)
     return QuantizedTensor(packed, qabsmax, w.shape, w.dtype, blocksize, quant_type,
                            nested_absmax=nested_absmax, offset=offset)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.compile: quantize and dequantize as custom operators
+# ----------------------------------------------------------------------------------------------------------------
+# Dynamo traces Python bytecode; it cannot look inside the C kernel (ctypes), a Triton launch, or quantize's
+# data-dependent NaN check. As bitsandbytes does with its kernels, each is registered as one opaque operator with a
+# "fake" implementation that only gives the result's shape and dtype, which is all the compiler needs; the real one
+# runs the eager code above. `dequantize()` and `quantize()` call them only while being compiled.
+
+def _dequantize_op(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+                   offset: torch.Tensor | None, shape: list[int], blocksize: int, nested_blocksize: int,
+                   quant_type: str, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    q = QuantizedTensor(packed, absmax, torch.Size(shape), dtype, blocksize, quant_type, nested_absmax, offset,
+                        nested_blocksize)
+    return q._dequantize_eager(dtype, backend)
+
+
+def _dequantize_fake(packed, absmax, nested_absmax, offset, shape, blocksize, nested_blocksize, quant_type, dtype,
+                     backend):
+    return packed.new_empty(shape, dtype=dtype)
+
+
+def _quantize_op(w: torch.Tensor, quant_type: str, blocksize: int,
+                 double_quant: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    q = quantize(w, quant_type, blocksize, double_quant)
+    if not double_quant:  # the schema has four outputs; unused ones are empty (and must not alias each other)
+        return q.packed, q.absmax, w.new_empty(0, dtype=torch.float32), w.new_empty(0, dtype=torch.float32)
+    return q.packed, q.absmax, q.nested_absmax, q.offset
+
+
+def _quantize_fake(w, quant_type, blocksize, double_quant):
+    n = w.numel()
+    blocks = -(-n // blocksize)
+    packed = w.new_empty((n + 1) // 2, dtype=torch.uint8)
+    if not double_quant:
+        return (packed, w.new_empty(blocks, dtype=torch.float32), w.new_empty(0, dtype=torch.float32),
+                w.new_empty(0, dtype=torch.float32))
+    return (packed, w.new_empty(blocks, dtype=torch.uint8),
+            w.new_empty(-(-blocks // NESTED_BLOCKSIZE), dtype=torch.float32), w.new_empty((), dtype=torch.float32))
+
+
+def _register_ops() -> None:
+    # explicit schemas: inferring them from the annotations above needs a newer torch than we require
+    ops = [("dequantize_4bit", _dequantize_op, _dequantize_fake,
+            "(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, int[] shape, int blocksize, "
+            "int nested_blocksize, str quant_type, ScalarType dtype, str backend) -> Tensor"),
+           ("quantize_4bit", _quantize_op, _quantize_fake,
+            "(Tensor w, str quant_type, int blocksize, bool double_quant) -> (Tensor, Tensor, Tensor, Tensor)")]
+    for name, impl, fake, schema in ops:
+        if hasattr(torch.ops.qlora_tutor, name):  # this module was imported (or reloaded) before
+            continue
+        op = torch.library.custom_op(f"qlora_tutor::{name}", impl, mutates_args=(), schema=schema)
+        op.register_fake(fake)
+
+
+_register_ops()

@@ -14,7 +14,7 @@ PKG = ROOT / "qlora_tutor"
 MODULES = sorted(p.stem for p in PKG.glob("*.py") if p.stem != "__init__")
 # The from-scratch stack the notebooks teach, and the real one built on transformers + peft + bitsandbytes; they
 # meet only in notebooks and tests. Both may use the shared helpers below them.
-FROM_SCRATCH = {"quant", "native", "lora", "qlora"}
+FROM_SCRATCH = {"quant", "native", "triton_kernels", "fused_layer", "lora", "qlora"}
 REAL = {"cli", "compare", "merge", "finetune", "fsdp_check", "models", "data", "generation", "distributed",
         "measure", "score", "storyworld", "plots"}
 
