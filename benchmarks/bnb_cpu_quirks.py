@@ -4,7 +4,8 @@ Usage: python benchmarks/bnb_cpu_quirks.py
 For nf4 and fp4, with and without double quantization, three output dtypes and a few shapes and block sizes, it
 dequantizes with bitsandbytes and with qlora_tutor (fp32 product, rounded once to nearest even) and counts values
 that differ: as numbers, only in the sign of zero, and, for float16, how many of the differing values are exact
-ties that bitsandbytes rounded away from zero.
+ties that bitsandbytes rounded away from zero. Then, for shapes chosen on both sides of the rule, how many values
+its C++ kernel gives another block's scale (quirk 3).
 """
 
 from __future__ import annotations
@@ -55,6 +56,30 @@ def main() -> None:
                           f"| {w.numel():,} | {row[0]} | {row[1]} | {ties} |")
     print(f"\nin all: {total['values']:,} values, {total['numbers']} differ as numbers, "
           f"{total['zero sign']} only in the sign of zero")
+    block_scales(F)
+
+
+# (rows, last dimension, block size): shapes where the AVX-512 path should mis-scale, and shapes where it should not
+SCALE_CASES = [(2, 80, 64), (33, 80, 64), (4, 400, 64), (3, 64, 128), (3, 1040, 1024), (5, 48, 32),
+               (4, 300, 64), (2, 64, 128), (1, 80, 64), (7, 82, 64), (6, 96, 32), (5, 80, 2048), (3, 4112, 4096)]
+
+
+def block_scales(F) -> None:
+    """Quirk 3 (tests/bnb_reference.py): values the C++ kernel gives another block's scale, against bitsandbytes'
+    own pure-PyTorch dequantize (which ours equals), for nf4 float32 weights whose blocks differ in scale."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    print("\n| shape, block | last dim % 16 | last dim % block | values | values with another block's scale |\n"
+          "|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(5)
+    for rows, n, bs in SCALE_CASES:
+        w = torch.randn(rows, n, generator=g) * torch.rand(rows, n, generator=g).mul(8).exp()
+        packed, state = F.quantize_4bit(w, blocksize=bs, quant_type="nf4")
+        with torch._dynamo.config.patch(disable=True):
+            ref = _dequantize_4bit_compute(packed.view(-1), state.absmax, state.code, bs, (rows, n), torch.float32)
+        got = F.dequantize_4bit(packed, state)
+        print(f"| ({rows}, {n}), {bs} | {n % 16} | {n % bs} | {w.numel():,} "
+              f"| {int((got.reshape(-1) != ref.reshape(-1)).sum()):,} |")
 
 
 if __name__ == "__main__":

@@ -190,7 +190,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 _COMMANDS = [
     ("finetune", "fine-tune a model with QLoRA (the main job)",
      ("Load a base model in 4-bit (NF4 + double quantization), attach LoRA adapters to every linear layer,\n"
-      "train them with the transformers Trainer, and save the adapter (a few MB) to OUTPUT/adapter.\n"
+      "train them with the transformers Trainer, and save the adapter (only the LoRA matrices) to OUTPUT/adapter.\n"
       "Prints the trainable parameters, the base model's bytes in 4-bit vs 16-bit, the held-out loss and\n"
       "instruction score before and after, and the time. On a laptop CPU the defaults take a few minutes.\n\n"
       "example:  qlora-tutor finetune --output runs/demo\n"

@@ -152,7 +152,7 @@ def _pm(mean: float | None, std: float | None, digits: int = 3) -> str:
 def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
     """The comparison as a Markdown table (mean ± std over seeds)."""
     head = ("| method | held-out loss | Δ loss vs QLoRA NF4+DQ | instruction score | Δ score vs QLoRA NF4+DQ | "
-            "trainable params | weight MB | peak memory MB | train s |\n|---|---|---|---|---|---|---|---|---|\n")
+            "trainable params | weight MiB | peak memory MiB | train s |\n|---|---|---|---|---|---|---|---|---|\n")
     lines = [f"| {s['description']} | {_pm(s['loss_mean'], s['loss_std'])} | {s['loss_vs_ref']} | "
              f"{_pm(s['score_mean'], s['score_std'])} | {s['score_vs_ref']} | "
              f"{s['trainable_params_mean']:,.0f} | {s['weight_bytes_mean'] / 2**20:.2f} | "
@@ -225,7 +225,7 @@ def run_compare(output: str | Path, seeds: Sequence[int] = (0, 1, 2), methods: S
             f"{VARIANTS['full_fp32'][0]['learning_rate']}), LoRA r {base.r}, alpha {base.lora_alpha}, dropout "
             f"{base.lora_dropout}; seeds {list(seeds)}. Loss on {base.eval_examples} held-out examples, score on "
             f"{base.generate_examples} held-out prompts (greedy, {base.max_new_tokens} new tokens).\n"
-            "Weight MB: the model's weights as stored in memory (4-bit codes + constants; other weights fp32 on "
+            "Weight MiB (1 MiB = 2**20 bytes): the model's weights as stored in memory (4-bit codes + constants; other weights fp32 on "
             "CPU). Peak memory: resident memory above the process's start (CPU) or CUDA's allocator peak.\n"
             "'beyond spread' = |Δ mean| > std_method + std_reference (the mean ± std intervals do not overlap).\n"
             "Train seconds and peak memory depend on what else runs on the machine: on a shared CPU they vary more "

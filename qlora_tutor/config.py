@@ -33,6 +33,16 @@ def canonical_dtype(name: Any, what: str = "dtype") -> str:
     return DTYPE_ALIASES[key]
 
 
+def check_quant_type(quant_type: Any, allowed: tuple[str, ...] = BNB_QUANT_TYPES) -> str:
+    """The canonical (lower-case) name of a 4-bit quant type: 'NF4' is 'nf4'; a clear error for anything not in
+    `allowed` (default: the types bitsandbytes has kernels for). The one rule every entry point uses; the
+    from-scratch stack calls it with its own, longer list (quant.FORMATS)."""
+    if isinstance(quant_type, str) and quant_type.lower() in allowed:
+        return quant_type.lower()
+    where = ("bitsandbytes has 4-bit kernels for" if tuple(allowed) == BNB_QUANT_TYPES else "use one of")
+    raise ValueError(f"unknown quant_type {quant_type!r}: {where} {', '.join(map(repr, allowed))}")
+
+
 def dtype_bytes(name: Any, what: str = "dtype") -> int:
     """Bytes per value of 'bf16', 'fp16' or 'fp32' (or any alias); `what` names the argument in the error."""
     return DTYPE_BYTES[canonical_dtype(name, what)]

@@ -621,7 +621,7 @@ class _Run:
 
 
 def _mb(n: int) -> str:
-    return f"{n / 2**20:.2f} MB"
+    return f"{n / 2**20:.2f} MiB"  # 1 MiB = 2**20 bytes
 
 
 def _fmt(score: float | None) -> str:

@@ -20,7 +20,7 @@ from .config import canonical_dtype
 class DeviceInfo:
     device: str               # "cuda" or "cpu"
     name: str                 # GPU model or CPU architecture
-    bf16: bool                # can this device compute in bfloat16 at speed?
+    bf16: bool                # can this device compute in bfloat16 at speed (compute capability 8.0+)?
     total_memory_gb: float | None
 
     def __str__(self) -> str:
@@ -30,11 +30,24 @@ class DeviceInfo:
         return f"CPU: {self.name} ({os.cpu_count()} cores); training runs in float32"
 
 
+BF16_MIN_CAPABILITY = (8, 0)  # Ampere (A100, RTX 30xx) and later compute in bf16 natively
+
+
+def has_native_bf16(capability: tuple[int, int]) -> bool:
+    """Whether a GPU of this compute capability computes in bf16 at speed: 8.0 (Ampere) and up.
+
+    Not `torch.cuda.is_bf16_supported()`: its default (including_emulation=True) also says yes on a T4 (7.5)
+    or V100 (7.0), where bf16 only runs emulated, slowly, and bitsandbytes/Trainer then fail or crawl.
+    """
+    return tuple(capability) >= BF16_MIN_CAPABILITY
+
+
 def detect() -> DeviceInfo:
     """The device QLoRA Tutor will use: the first CUDA GPU if there is one, else the CPU."""
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        return DeviceInfo("cuda", props.name, torch.cuda.is_bf16_supported(), props.total_memory / 2**30)
+        bf16 = has_native_bf16(torch.cuda.get_device_capability(0))
+        return DeviceInfo("cuda", props.name, bf16, props.total_memory / 2**30)
     return DeviceInfo("cpu", platform.machine() or "unknown", False, None)
 
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import canonical_dtype
+
 
 def check_rank_alpha(r: object, alpha: object, dropout: object = 0.0) -> None:
     """Raise a clear error for a rank that is not a positive int, a non-numeric alpha or a bad dropout."""
@@ -27,13 +29,41 @@ def check_rank_alpha(r: object, alpha: object, dropout: object = 0.0) -> None:
                         "e.g. alpha=16 (the scale applied to B·A is alpha/r).")
     if not math.isfinite(float(alpha)):
         raise ValueError(f"lora alpha must be finite, got {alpha}.")
+    if float(alpha) == 0:
+        raise ValueError("lora alpha 0 makes the scale alpha/r zero: the adapter would add nothing and B would never "
+                         "get a gradient; use alpha > 0, e.g. alpha = r or 2r (16 for r=8).")
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"lora dropout must be a probability in [0, 1), got {dropout!r}; e.g. 0.0, 0.05 or 0.1.")
+
+
+class RankWarning(UserWarning):
+    """r is larger than a layer's smaller side: the extra ranks add parameters but no capacity."""
+
+
+def rank_excess(r: int, in_features: int, out_features: int) -> str | None:
+    """Why rank r wastes parameters on an (out, in) layer, or None: B·A has rank at most min(in, out)."""
+    side = min(int(in_features), int(out_features))
+    if r <= side:
+        return None
+    return (f"r={r} is larger than the layer's smaller side min(in={in_features}, out={out_features}) = {side}: "
+            f"B·A has rank at most {side}, so {r - side} of the ranks add parameters but no capacity; use r <= {side}")
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     """The scale s multiplying B·A: alpha/r (Hu et al. 2021) or alpha/sqrt(r) (rsLoRA, Kalajdzievski 2023)."""
     return float(alpha) / (math.sqrt(r) if use_rslora else r)
+
+
+def check_adapter_dtype(dtype: object) -> torch.dtype:
+    """The adapter's dtype as a floating-point torch.dtype ('fp32', 'bf16', 'fp16' are accepted too); a clear
+    error otherwise: A and B are trained, and only floating-point tensors can have gradients."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, canonical_dtype(dtype, "adapter_dtype"))
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"adapter_dtype must be a floating-point dtype (torch.float32, the usual choice, or "
+                        f"torch.bfloat16 / torch.float16), got {dtype!r}: the adapter is trained, and only "
+                        "floating-point tensors have gradients")
+    return dtype
 
 
 def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -50,7 +80,11 @@ class LoRAAdapterMixin:
     def _init_adapter(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
                       use_rslora: bool, dtype: torch.dtype, device: torch.device | None) -> None:
         check_rank_alpha(r, alpha, dropout)
+        dtype = check_adapter_dtype(dtype)
         self.in_features, self.out_features = int(in_features), int(out_features)
+        excess = rank_excess(int(r), in_features, out_features)
+        if excess:
+            warnings.warn(f"LoRA: {excess}", RankWarning, stacklevel=3)
         self.r, self.alpha, self.use_rslora = int(r), float(alpha), bool(use_rslora)
         self.scaling = lora_scaling(self.r, self.alpha, self.use_rslora)
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, dtype=dtype, device=device))
@@ -80,6 +114,9 @@ class LoRAAdapterMixin:
 class LoRALinear(LoRAAdapterMixin, nn.Module):
     """A frozen nn.Linear plus a LoRA adapter:  y = base(x) + s·B·A·dropout(x).
 
+    With a 16-bit base and the fp32 adapter, the sum is formed in fp32 and rounded once to the base's dtype, as
+    PEFT's LoRA Linear does (rounding the adapter's output first would differ in about a quarter of the values).
+
     `merge()` folds ΔW into the base weight (inference with no extra cost); `unmerge()` takes it out again.
     While merged, forward is just base(x) and the adapter gets no gradient.
     """
@@ -90,18 +127,21 @@ class LoRALinear(LoRAAdapterMixin, nn.Module):
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}.")
         check_rank_alpha(r, alpha, dropout)
+        adapter_dtype = default_adapter_dtype(base.weight.dtype) if adapter_dtype is None else \
+            check_adapter_dtype(adapter_dtype)
         self.base_layer = base
         for p in base.parameters():  # weight and bias stay frozen (PEFT's bias="none")
             p.requires_grad_(False)
         self._init_adapter(base.in_features, base.out_features, r, alpha, dropout, use_rslora,
-                           dtype=adapter_dtype or default_adapter_dtype(base.weight.dtype), device=base.weight.device)
+                           dtype=adapter_dtype, device=base.weight.device)
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.merged:  # ΔW is already inside base_layer.weight: adding the adapter again would count it twice
             return result
-        return result + self.lora_forward(x).to(result.dtype)
+        # PEFT's order: add in the wider of the two dtypes (the fp32 adapter's, over a 16-bit base), round once
+        return (result + self.lora_forward(x)).to(result.dtype)
 
     @torch.no_grad()
     def _add_delta(self, sign: float) -> None:

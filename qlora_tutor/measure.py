@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from .config import BNB_QUANT_TYPES, METHODS
+from .config import METHODS, check_quant_type
 from .counting import parameter_bytes
 from .memory import GB, OPTIMIZERS, model_shape
 from .quiet import import_bitsandbytes, quiet_libraries
@@ -201,9 +201,8 @@ def quantize_linears(model: torch.nn.Module, *, quant_type: str = "nf4", double_
                      compute_dtype: torch.dtype = torch.bfloat16, skip: tuple[str, ...] = ("lm_head",)) -> int:
     """Swap every nn.Linear (except `skip`) for a bitsandbytes Linear4bit holding the same weights, quantized in
     place on the weights' device (fast, no checkpoint on disk). Returns how many layers were swapped."""
+    quant_type = check_quant_type(quant_type)
     bnb = import_bitsandbytes()
-    if quant_type not in BNB_QUANT_TYPES:
-        raise ValueError(f"unknown quant_type {quant_type!r}: use 'nf4' or 'fp4'")
     todo = [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear and n.split(".")[-1] not in skip]
     for name, lin in todo:
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from . import targets as lora_targets_rule
-from .config import BNB_QUANT_TYPES, METHODS, dtype_bytes
+from .config import METHODS, check_quant_type, dtype_bytes
 
 GB = 1e9  # reports use decimal gigabytes, as GPU vendors and the QLoRA paper do
 GIB = 2**30  # cards are sold in GiB: a "24 GB" RTX 3090/4090 holds 24 GiB = 25.8e9 bytes
@@ -116,6 +116,7 @@ def quantized_bytes(n: int, quant_type: str = "nf4", double_quant: bool = True, 
     Constants: fp32 absmax per block of 64; with double quantization uint8 absmax + fp32 absmax per 256 blocks
     + the fp32 mean (offset). Each layer's code tables are counted too (16 and 256 fp32 values).
     """
+    check_quant_type(quant_type)  # the bytes do not depend on it, but a misspelt type is still an error
     nb = -(-n // blocksize)
     if double_quant:  # + the layer's own copy of the 256-entry 8-bit dynamic code table
         consts = nb + 4 * -(-nb // blocksize2) + 4 + 256 * 4
@@ -127,6 +128,7 @@ def quantized_bytes(n: int, quant_type: str = "nf4", double_quant: bool = True, 
 def bits_per_param(quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
                    blocksize2: int = 256) -> float:
     """Storage bits per weight, for a large matrix: 4 + 32/64 = 4.5 without DQ, 4 + 8/64 + 32/(64*256) with."""
+    check_quant_type(quant_type)
     if double_quant:
         return 4 + 8 / blocksize + 32 / (blocksize * blocksize2)
     return 4 + 32 / blocksize
@@ -233,8 +235,7 @@ def _step(config: Any, method: str, weight_dtype: str, quant_type: str, double_q
         raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
-    if quant_type not in BNB_QUANT_TYPES:
-        raise ValueError(f"unknown quant_type {quant_type!r}: use 'nf4' or 'fp4'")
+    quant_type = check_quant_type(quant_type)
     for name, val in (("batch_size", batch_size), ("seq_len", seq_len)):
         if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
             raise ValueError(f"{name} must be a positive integer, got {val!r}")
@@ -388,7 +389,7 @@ def estimate(config: Any, method: str, *, weight_dtype: str = "bf16", quant_type
                      " it is counted here but is not seen by max_memory_allocated")
     notes.append("activations and gradients do not peak together: the predicted peak takes the larger moment, "
                  "so it is less than the sum of the components")
-    settings = dict(model=s.shape.name, method=method, weight_dtype=weight_dtype, quant_type=quant_type,
+    settings = dict(model=s.shape.name, method=method, weight_dtype=weight_dtype, quant_type=s.quant_type,
                     double_quant=double_quant, lora_r=lora_r, lora_targets=",".join(s.targets) or "-",
                     adapter_dtype=adapter_dtype, batch_size=batch_size, seq_len=seq_len,
                     gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, n_params=s.shape.n_params)
@@ -454,6 +455,7 @@ def unit_bytes(config: Any, method: str = "qlora", *, weight_dtype: str = "bf16"
     no layer owns (embeddings, lm_head, final norm) belongs to the root unit, which stays gathered for the whole step.
     """
     shape = model_shape(config)
+    quant_type = check_quant_type(quant_type)
     e = dtype_bytes(weight_dtype, "weight_dtype")
     a = dtype_bytes(adapter_dtype, "adapter_dtype")
     targets = lora_target_names(lora_targets) if method != "full" else ()

@@ -92,7 +92,7 @@ def merge_adapter(run: str | Path, output: str | Path, base: str = "dequantized"
     atomic_save_dir(output, write)
     size = sum(f.stat().st_size for f in output.glob("*.safetensors"))
     log(f"merged {cfg.method} adapter into the {base} base; saved {str(dtype).replace('torch.', '')} model "
-        f"({size / 2**20:.1f} MB) to {output}. Load it with AutoModelForCausalLM.from_pretrained('{output}').")
+        f"({size / 2**20:.1f} MiB) to {output}. Load it with AutoModelForCausalLM.from_pretrained('{output}').")
     return output
 
 

@@ -2,8 +2,9 @@
 
 The PyTorch dequantize in `quant.py` is the one the notebooks teach; it needs several memory passes because PyTorch
 has no fused "look up and scale" op. `dequant4.c` does the same arithmetic in one pass (tests hold the two equal bit
-for bit). It is compiled once with the system's C compiler (`$CC`, else cc, gcc or clang), cached per user, and
-loaded with ctypes: no Python or torch headers, no build step at install time. Where there is no compiler (many
+for bit). It is compiled once with the system's C compiler (`$CC`, else cc, gcc or clang), cached in a private
+per-user folder and verified before each load (see "the build cache" below), and loaded with ctypes: no Python or
+torch headers, no build step at install time. Where there is no compiler (many
 Windows and macOS laptops) or the build fails, `available()` is False, `status()` says why, and
 `QuantizedTensor.dequantize` simply uses the PyTorch path: same results, slower.
 
@@ -19,15 +20,19 @@ Set QLORA_TUTOR_NATIVE=0 to turn the native path off.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
+import numbers
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -49,45 +54,213 @@ def _compiler() -> str | None:
     return None
 
 
-def _cache_dir() -> Path:
-    """A per-user cache folder (created private); the compiled library is found there again next time."""
-    try:
-        path = Path(os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")) / "qlora_tutor"
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if hasattr(os, "getuid") and path.stat().st_uid != os.getuid():
-            raise PermissionError(f"{path} belongs to another user")
-        return path
-    except (OSError, RuntimeError):  # RuntimeError: Path.home() without a home directory
-        return Path(tempfile.mkdtemp(prefix="qlora_tutor_native_"))
+# ------------------------------------------------------------------------------------------ the build cache
+# The compiled library is code this process will run, so the cache is treated as an attack surface: another local
+# user must not be able to make us load their library. Hence (POSIX; elsewhere nothing is cached):
+# - the cache folder must be a real folder (not a symlink) of this user that no one else can write; otherwise it
+#   is not used, and the library is built in a fresh private temporary folder instead (status() says why);
+# - files in it are opened without following symlinks, must be regular files of this user that no one else can
+#   write, and must hash to the SHA-256 recorded next to them when they were built; then the very file that was
+#   hashed is loaded (through /proc/self/fd where there is one, so that it cannot be swapped in between);
+# - builds run in a private temporary folder and are moved into the cache under a lock (one build for many
+#   processes starting at once); temporary names are hidden and never match what the clean-up removes;
+# - a library that loads but lacks the expected functions is rebuilt, not used.
+
+_SUFFIX = ".dylib" if sys.platform == "darwin" else ".so"
+_SYMBOLS = ("qt_dequantize_4bit", "qt_has_avx512", "qt_has_openmp", "qt_advise_huge_pages", "qt_is_resident")
+_STALE_SECONDS = 3600  # a hidden temporary file this old was left by a killed process
+_loaded_names: set[str] = set()  # /proc/self/fd names already given to the dynamic loader
 
 
-def _build(compiler: str, flags: list[str]) -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *flags, platform.machine(), sys.platform]).encode())
-    suffix = ".dylib" if sys.platform == "darwin" else ".so"
-    target = _cache_dir() / f"dequant4-{key.hexdigest()[:16]}{suffix}"
-    if target.exists():
-        return target
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem, suffix=suffix)
-    os.close(fd)
+def _lib_name(compiler: str, flags: list[str]) -> str:
+    """dequant4-<source hash>-<build hash>.so: the source part tells old builds (removed) from other flag sets
+    (kept: the OpenMP and the plain build may both be in use)."""
+    source = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    build = hashlib.sha256(" ".join([compiler, *flags, platform.machine(), sys.platform]).encode()).hexdigest()[:8]
+    return f"dequant4-{source}-{build}{_SUFFIX}"
+
+
+def _cache_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")) / "qlora_tutor"
+
+
+def _unsafe(st: os.stat_result, folder: bool) -> str | None:
+    """Why a file or folder (its fstat) must not be trusted, or None."""
+    if folder != stat.S_ISDIR(st.st_mode) or (not folder and not stat.S_ISREG(st.st_mode)):
+        return "is not a folder" if folder else "is not a regular file"
+    if st.st_uid != os.getuid():
+        return f"belongs to another user (uid {st.st_uid})"
+    if st.st_mode & 0o022:
+        return f"can be written by others (mode {oct(st.st_mode & 0o777)})"
+    if not folder and st.st_nlink != 1:
+        return "has other hard links"
+    return None
+
+
+def _open_cache() -> tuple[int, Path]:
+    """The cache folder, opened (fd) and checked; OSError (PermissionError with the reason) if it cannot be used."""
+    if not (hasattr(os, "O_NOFOLLOW") and hasattr(os, "O_DIRECTORY") and hasattr(os, "getuid")
+            and os.open in os.supports_dir_fd):
+        raise OSError("this system has no safe way to open the cache folder")
     try:
-        result = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
-                                timeout=120)
-        if result.returncode != 0:
-            errors = [line for line in result.stderr.splitlines() if "error" in line] or [result.stderr.strip()]
-            raise RuntimeError(f"{Path(compiler).name} failed: {errors[0][:300]}")
-        os.replace(tmp, target)  # atomic: another process building at the same time gets a whole file too
+        path = _cache_path()
+    except RuntimeError as err:  # Path.home() without a home directory
+        raise OSError(str(err)) from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as err:
+        kind = "is a symbolic link" if path.is_symlink() else f"cannot be opened ({err.strerror})"
+        raise PermissionError(f"cache folder {path} {kind}") from None
+    problem = _unsafe(os.fstat(fd), folder=True)
+    if problem:
+        os.close(fd)
+        raise PermissionError(f"cache folder {path} {problem}")
+    return fd, path
+
+
+def _read_checked(dir_fd: int, name: str) -> tuple[int, bytes] | None:
+    """(fd, content) of `name` in the folder if it is a safe file (see `_unsafe`), else None; never opened
+    through a symlink. The caller closes the fd."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except OSError:  # missing, or a symlink (ELOOP)
+        return None
+    if _unsafe(os.fstat(fd), folder=False):
+        os.close(fd)
+        return None
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return fd, b"".join(chunks)
+
+
+def _load_verified(dir_fd: int, folder: Path, name: str, keep_open: list[int]) -> ctypes.CDLL | None:
+    """The library `name`, loaded only if it is safe, hashes to its recorded digest and has every expected
+    function; else None. It is loaded through its open fd (/proc/self/fd/<n>, a name never used before in this
+    process: the dynamic loader would return whatever it loaded under that name); the fds stay open in `keep_open`
+    until the caller is done."""
+    lib_file = _read_checked(dir_fd, name)
+    if lib_file is None:
+        return None
+    fd, data = lib_file
+    keep_open.append(fd)
+    record = _read_checked(dir_fd, name + ".sha256")
+    if record is None:
+        return None
+    os.close(record[0])
+    if record[1].decode("ascii", "replace").strip() != hashlib.sha256(data).hexdigest():
+        return None
+    while f"/proc/self/fd/{fd}" in _loaded_names:  # the loader would hand back what it loaded under that name
+        fd = os.dup(fd)
+        keep_open.append(fd)
+    proc = f"/proc/self/fd/{fd}"
+    try:
+        if os.path.exists(proc):
+            _loaded_names.add(proc)
+            return _open(proc)
+        return _open(str(folder / name))
+    except (OSError, AttributeError):  # not loadable here, or a library without our functions: rebuild
+        return None
+
+
+def _write_into(dir_fd: int, name: str, data: bytes, mode: int) -> None:
+    """Write `data` to `name` in the folder atomically: a hidden, unique temporary name, then a rename."""
+    tmp = f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+
+
+def _clean(dir_fd: int, name: str) -> None:
+    """Remove builds of other sources and temporary files left by killed processes; never another flag set of
+    this source, never a temporary file that may still be being written."""
+    source = name.split("-")[1]
+    now = time.time()
+    for entry in os.listdir(dir_fd):
+        try:
+            st = os.stat(entry, dir_fd=dir_fd, follow_symlinks=False)
+            other_source = entry.startswith("dequant4-") and entry.split("-")[1] != source
+            stale_tmp = entry.startswith(".dequant4-") and entry.endswith(".tmp") and now - st.st_mtime > _STALE_SECONDS
+            if other_source or stale_tmp:
+                os.unlink(entry, dir_fd=dir_fd)
+        except (OSError, IndexError):
+            pass
+
+
+@contextlib.contextmanager
+def _locked(dir_fd: int):
+    """An exclusive lock on the cache folder (flock on its .lock file; the OS releases it if we die)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock: unique names and atomic renames still keep every file whole
+        yield
+        return
+    fd = os.open(".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    for old in target.parent.glob(f"dequant4-*{suffix}"):  # builds of older sources (a process using one keeps it)
-        if old != target and old.stat().st_mtime < target.stat().st_mtime:
-            old.unlink(missing_ok=True)
+        os.close(fd)  # closing releases the lock
+
+
+def _compile(compiler: str, flags: list[str], folder: Path) -> Path:
+    target = folder / f"dequant4{_SUFFIX}"
+    result = subprocess.run([compiler, *flags, "-o", str(target), str(SOURCE)], capture_output=True, text=True,
+                            timeout=120)
+    if result.returncode != 0:
+        errors = [line for line in result.stderr.splitlines() if "error" in line] or [result.stderr.strip()]
+        raise RuntimeError(f"{Path(compiler).name} failed: {errors[0][:300]}")
     return target
 
 
-def _open(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
+def _build(compiler: str, flags: list[str]) -> tuple[ctypes.CDLL, str]:
+    """The library for this compiler and flags, from the cache or built into it; (library, where it came from:
+    "cached in <folder>", "built into <folder>" or "not cached: <why>")."""
+    name = _lib_name(compiler, flags)
+    try:
+        dir_fd, folder = _open_cache()
+    except OSError as err:  # no usable cache: build in a private temporary folder, load, remove the folder
+        with tempfile.TemporaryDirectory(prefix="qlora_tutor_native_") as tmp:
+            return _open(str(_compile(compiler, flags, Path(tmp)))), f"not cached: {err}"
+    keep_open: list[int] = []
+    try:
+        with _locked(dir_fd):
+            lib = _load_verified(dir_fd, folder, name, keep_open)
+            if lib is not None:
+                return lib, f"cached in {folder}"
+            with tempfile.TemporaryDirectory(prefix="qlora_tutor_build_") as tmp:
+                data = _compile(compiler, flags, Path(tmp)).read_bytes()
+            _write_into(dir_fd, name, data, 0o700)
+            _write_into(dir_fd, name + ".sha256", hashlib.sha256(data).hexdigest().encode() + b"\n", 0o600)
+            lib = _load_verified(dir_fd, folder, name, keep_open)
+            if lib is None:
+                raise RuntimeError(f"the library just built does not load or lacks {', '.join(_SYMBOLS)}")
+            _clean(dir_fd, name)
+            return lib, f"built into {folder}"
+    finally:
+        for fd in keep_open:
+            os.close(fd)
+        os.close(dir_fd)
+
+
+def _open(path: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(path)
+    missing = [name for name in _SYMBOLS if not hasattr(lib, name)]
+    if missing:
+        raise AttributeError(f"{path} lacks {', '.join(missing)}")
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.qt_dequantize_4bit.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_float, ptr, i32, i64, i64, i32,
                                        i32, i32]
@@ -115,17 +288,18 @@ def _load() -> dict:
         error: Exception | None = None
         for flags in (_FLAGS + ["-fopenmp"], _FLAGS):
             try:
-                lib = _open(_build(compiler, flags))
+                lib, where = _build(compiler, flags)
                 break
-            except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+            except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as err:
                 error = error or err
         else:
             _state.update(lib=None, why=f"native build failed, using the PyTorch path: {error}")
             return _state
         avx512, openmp = bool(lib.qt_has_avx512()), bool(lib.qt_has_openmp())
-        _state.update(lib=lib, fn=lib.qt_dequantize_4bit, avx512=avx512, openmp=openmp,
+        uncached = f"; {where}" if where.startswith("not cached") else ""  # the one case the user should hear of
+        _state.update(lib=lib, fn=lib.qt_dequantize_4bit, avx512=avx512, openmp=openmp, where=where,
                       why=f"built with {Path(compiler).name}; {'AVX-512' if avx512 else 'plain C'} loop, "
-                          f"{'OpenMP threads' if openmp else 'one thread (no OpenMP)'}")
+                          f"{'OpenMP threads' if openmp else 'one thread (no OpenMP)'}{uncached}")
         return _state
 
 
@@ -155,6 +329,16 @@ def empty(n: int, dtype: torch.dtype, huge_pages: bool = True) -> torch.Tensor:
     return out
 
 
+_MAX_BLOCK = 1 << 30  # far above any real block size (bitsandbytes' largest is 4096), far below int64 overflow
+
+
+def _int_in_range(value: object, what: str, low: int, high: int) -> int:
+    """`value` as a Python int (numpy integers too) in [low, high], or a ValueError before it reaches C."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= int(value) <= high:
+        raise ValueError(f"native dequantize: {what} must be an integer from {low} to {high:,}, got {value!r}")
+    return int(value)
+
+
 def dequantize_4bit(packed: torch.Tensor, code: torch.Tensor, out: torch.Tensor, blocksize: int,
                     absmax: torch.Tensor | None = None, qabsmax: torch.Tensor | None = None,
                     dynamic_map: torch.Tensor | None = None, nested: torch.Tensor | None = None,
@@ -169,9 +353,17 @@ def dequantize_4bit(packed: torch.Tensor, code: torch.Tensor, out: torch.Tensor,
     state = _load()
     if state["lib"] is None:
         raise RuntimeError(f"the native dequantize is not available: {state['why']}")
-    if out.dtype not in _OUT_KIND or blocksize < 2 or blocksize % 2:
+    # ctypes passes an int to C by silently keeping its low 64 (or 32) bits: a block size of 2**64 would arrive
+    # as 0 (a division by zero) and 2**64 + 64 as 64 (reads past the buffers). Every number is range-checked here.
+    blocksize = _int_in_range(blocksize, "block size", 2, _MAX_BLOCK)
+    nested_blocksize = _int_in_range(nested_blocksize, "nested block size", 1, _MAX_BLOCK)
+    if threads is not None:
+        threads = _int_in_range(threads, "threads", 1, 1 << 16)
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Real):
+        raise TypeError(f"native dequantize: offset must be a number, got {offset!r}")
+    if not isinstance(out, torch.Tensor) or out.dtype not in _OUT_KIND or blocksize % 2:
         raise ValueError(f"native dequantize writes float32, bfloat16 or float16 with an even block size, "
-                         f"got {out.dtype} and block size {blocksize}")
+                         f"got {getattr(out, 'dtype', type(out).__name__)} and block size {blocksize}")
     n = out.numel()
     blocks = -(-n // blocksize)
     # C reads raw pointers: every size, dtype and layout is checked here, so a bad call is an error, not a crash
@@ -180,11 +372,13 @@ def dequantize_4bit(packed: torch.Tensor, code: torch.Tensor, out: torch.Tensor,
     if absmax is not None:
         expect.append((absmax, torch.float32, blocks, "absmax"))
     else:
-        if qabsmax is None or dynamic_map is None or nested is None or nested_blocksize < 1:
+        if qabsmax is None or dynamic_map is None or nested is None:
             raise ValueError("pass absmax, or qabsmax, dynamic_map, nested and nested_blocksize (double quantization)")
         expect += [(qabsmax, torch.uint8, blocks, "qabsmax"), (dynamic_map, torch.float32, 256, "dynamic_map"),
                    (nested, torch.float32, -(-blocks // nested_blocksize), "nested")]
     for t, dtype, size, name in expect:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"native dequantize: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous() or t.numel() != size:
             raise ValueError(f"native dequantize: {name} must be a contiguous CPU {dtype} tensor of {size} values, "
                              f"got {t.dtype} {tuple(t.shape)} on {t.device} (contiguous: {t.is_contiguous()})")

@@ -1,9 +1,10 @@
-"""Figures: the training loss curve, the method comparison, and what one GPU holds under each strategy."""
+"""Figures: the training loss curve, the method comparison, memory per method, and what one GPU holds under each
+strategy."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from .paths import atomic_save_file
 
@@ -54,6 +55,43 @@ def comparison(rows: Sequence[dict], path: str | Path | None = None) -> Any:
 _COLORS = {"frozen_weights": "#4c72b0", "quantization_constants": "#8172b2", "adapter_weights": "#55a868",
            "gradients": "#8c8c8c", "optimizer_state": "#c44e52", "activations": "#dd8452", "overhead": "#cccccc",
            "communication_buffers": "#937860", "gathered_units": "#64b5cd"}
+
+
+def memory_bars(estimates: Mapping[str, Any], capacity_bytes: float | None = None, ax: Any = None,
+                parts: Sequence[str] | None = None) -> Any:
+    """One stacked bar per method (a `memory.MemoryEstimate` each), all on one y scale in GB, so that the methods
+    can be compared by eye; a black tick marks each predicted peak and its value is written above the bar.
+
+    The peak can sit below the bar's top: activations and gradients do not peak at the same moment.
+    """
+    from .memory import GB
+    if ax is None:
+        _, ax = _figure((6.5, 3.4))
+    from matplotlib.patches import Patch
+    top = 0.0
+    order = list(parts or dict.fromkeys(k for k in _COLORS for e in estimates.values() if e.components.get(k, 0) > 0))
+    for x, (label, est) in enumerate(estimates.items()):
+        bottom = 0.0
+        for k in order:
+            v = est.components.get(k, 0) / GB
+            if v <= 0:
+                continue
+            ax.bar(x, v, bottom=bottom, color=_COLORS.get(k, "#999999"), width=0.6)
+            bottom += v
+        ax.plot([x - 0.3, x + 0.3], [est.total / GB] * 2, color="black", lw=1.5)
+        top = max(top, bottom, est.total / GB)
+        ax.annotate(f"{est.total / GB:.1f} GB", (x, max(bottom, est.total / GB)), ha="center", va="bottom",
+                    fontsize=8, xytext=(0, 2), textcoords="offset points")
+    if capacity_bytes:
+        ax.axhline(capacity_bytes / GB, color="red", ls="--", lw=1, label=f"card ({capacity_bytes / GB:.1f} GB)")
+    ax.set_xticks(range(len(estimates)), list(estimates))
+    ax.set_ylim(0, 1.12 * max(top, capacity_bytes / GB if capacity_bytes else 0.0))  # room for the labels
+    ax.set_ylabel("GB (1e9 bytes), one scale for all")
+    handles = [Patch(color=_COLORS.get(k, "#999999"), label=k.replace("_", " ")) for k in reversed(order)]
+    if capacity_bytes:
+        handles.append(ax.get_legend_handles_labels()[0][-1])
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # stacked as drawn
+    return ax
 
 
 def plot_per_gpu(estimates: Sequence[Any], capacity_bytes: float | None = None, ax: Any = None) -> Any:

@@ -9,13 +9,15 @@ to the compute dtype, multiplies, and drops the dense copy; backward dequantizes
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import fused_layer, hardware
-from .lora import LoRAAdapterMixin, LoRALinear, check_rank_alpha
-from .quant import QuantizedTensor, check_quant_type, quantize
+from .lora import LoRAAdapterMixin, LoRALinear, RankWarning, check_adapter_dtype, check_rank_alpha, rank_excess
+from .quant import QuantizedTensor, check_blocksize, check_quant_type, quantize
 from .targets import find_linear_targets, output_head_names
 
 
@@ -67,8 +69,15 @@ class QuantizedLinear(nn.Module):
 
     def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None, compute_dtype: torch.dtype):
         super().__init__()
+        if not isinstance(weight, QuantizedTensor):
+            raise TypeError(f"QuantizedLinear holds a quant.QuantizedTensor (use QuantizedLinear.from_linear for an "
+                            f"nn.Linear), got {type(weight).__name__}")
         if len(weight.shape) != 2:
             raise ValueError(f"a linear weight is 2-D (out, in), got shape {tuple(weight.shape)}")
+        if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+            raise ValueError(f"bias must be None or a tensor of {weight.shape[0]} values (one per output), got "
+                             f"{getattr(bias, 'shape', type(bias).__name__)}")
+        compute_dtype = hardware.parse_dtype(compute_dtype)
         self.out_features, self.in_features = (int(n) for n in weight.shape)
         self.weight = weight  # not an nn.Parameter: a packed, frozen object (see _apply for device moves)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -81,6 +90,7 @@ class QuantizedLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
         quant_type = check_quant_type(quant_type)
+        blocksize = check_blocksize(blocksize)
         dtype = hardware.compute_dtype(compute_dtype)
         qw = quantize(linear.weight.detach(), quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
         return cls(qw, linear.bias, dtype)
@@ -114,7 +124,8 @@ class QLoRALinear(LoRAAdapterMixin, nn.Module):
 
     The adapter is fp32 by default even when the compute dtype is fp16/bf16: with fp16 mixed precision the
     optimizer must see fp32 master weights (GradScaler refuses to unscale fp16 gradients), and small updates to
-    A and B would round away in 16 bits. The adapter's output is cast to the base output's dtype before adding.
+    A and B would round away in 16 bits. The adapter's output is cast to the base output's dtype before adding,
+    as PEFT's LoRA layer for bitsandbytes 4-bit bases does (bit for bit the same outputs).
     """
 
     def __init__(self, base: QuantizedLinear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
@@ -134,6 +145,7 @@ class QLoRALinear(LoRAAdapterMixin, nn.Module):
                     adapter_dtype: torch.dtype = torch.float32) -> "QLoRALinear":
         """Quantize an nn.Linear's weight to 4 bits and put a fresh adapter (B = 0) on top of it."""
         check_rank_alpha(r, alpha, dropout)  # fail before spending time on quantization
+        adapter_dtype = check_adapter_dtype(adapter_dtype)
         base = QuantizedLinear.from_linear(linear, quant_type, double_quant, blocksize, compute_dtype)
         return cls(base, r, alpha, dropout, use_rslora, adapter_dtype)
 
@@ -150,6 +162,8 @@ class QLoRALinear(LoRAAdapterMixin, nn.Module):
         if self.fused:
             return fused_layer.qlora_forward(self, x)
         result = self.base_layer(x)
+        # PEFT's order for 4-bit bases (its bitsandbytes LoRA layer): the adapter's output is rounded to the base
+        # output's dtype, then added (LoRALinear, like PEFT's plain Linear, adds first and rounds once)
         return result + self.lora_forward(x).to(result.dtype)
 
     def merged_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
@@ -188,6 +202,17 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def _rng_states() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_states(states: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state_all(states[1])
+
+
 def add_adapters(model: nn.Module, target_modules: str | list[str], r: int, alpha: float, dropout: float = 0.0,
                  quant_type: str | None = None, double_quant: bool = True,
                  compute_dtype: torch.dtype | str | None = None, use_rslora: bool = False,
@@ -198,25 +223,52 @@ def add_adapters(model: nn.Module, target_modules: str | list[str], r: int, alph
     as transformers does with load_in_4bit, every other nn.Linear except the output head is quantized as well
     (frozen, no adapter), so the whole transformer body is stored in 4 bits. Embeddings, norms and the head stay
     as they are. compute_dtype None picks bf16/fp16/fp32 for this device (qlora_tutor.hardware.compute_dtype).
+
+    All or nothing: every new layer is built before the first is swapped in, so an error on any layer (a NaN
+    weight, say) leaves the model exactly as it was, unfrozen and without adapters, and a corrected call can
+    follow. The price: the dense and the 4-bit copies of the swapped layers are both alive until the swap.
     """
     check_rank_alpha(r, alpha, dropout)
     if quant_type is not None:
         quant_type = check_quant_type(quant_type)
+        blocksize = check_blocksize(blocksize)
     dtype = hardware.compute_dtype(compute_dtype)  # raises with the fix for bf16 on a T4/V100
     targets = find_targets(model, target_modules)
     heads = output_head_names(model)
     others = [n for n, m in model.named_modules()
               if isinstance(m, nn.Linear) and n not in targets and n not in heads] if quant_type else []
+    too_small = []
+    for name in targets:
+        layer = model.get_submodule(name)
+        excess = rank_excess(r, layer.in_features, layer.out_features)
+        if excess:
+            too_small.append((name, excess))
+    if too_small:  # one warning for the model, not one per layer
+        warnings.warn(f"LoRA: {len(too_small)} targeted layer(s) are narrower than r, e.g. {too_small[0][0]}: "
+                      f"{too_small[0][1]}", RankWarning, stacklevel=2)
+    frozen_before = [(p, p.requires_grad) for p in model.parameters()]
+    rng_before = _rng_states()  # A's random init draws from it: a failed call must not shift a retry's numbers
+    new: dict[str, nn.Module] = {}
+    try:
+        for name in targets:
+            linear = model.get_submodule(name)
+            with warnings.catch_warnings():  # said once above
+                warnings.simplefilter("ignore", RankWarning)
+                if quant_type is None:
+                    new[name] = LoRALinear(linear, r, alpha, dropout, use_rslora)  # (freezes the wrapped linear)
+                else:
+                    new[name] = QLoRALinear.from_linear(linear, r, alpha, dropout, use_rslora, quant_type,
+                                                        double_quant, blocksize, dtype)
+        for name in others:
+            new[name] = QuantizedLinear.from_linear(model.get_submodule(name), quant_type, double_quant, blocksize,
+                                                    dtype)
+    except BaseException:
+        for p, requires_grad in frozen_before:  # undo what the layers built so far changed
+            p.requires_grad_(requires_grad)
+        _set_rng_states(rng_before)
+        raise
     for p in model.parameters():
         p.requires_grad_(False)
-    for name in targets:
-        linear = model.get_submodule(name)
-        if quant_type is None:
-            _set_module(model, name, LoRALinear(linear, r, alpha, dropout, use_rslora))
-        else:
-            _set_module(model, name, QLoRALinear.from_linear(linear, r, alpha, dropout, use_rslora, quant_type,
-                                                             double_quant, blocksize, dtype))
-    for name in others:
-        _set_module(model, name, QuantizedLinear.from_linear(model.get_submodule(name), quant_type, double_quant,
-                                                             blocksize, dtype))
+    for name, layer in new.items():  # setattr only: nothing here can fail half-way for a model find_targets accepted
+        _set_module(model, name, layer)
     return model

@@ -10,6 +10,9 @@ Paper symbols (QLoRA Eq. 6): W_NF4 = `packed`, c2 = the block absmax (8-bit when
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import sys
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -17,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from . import native, triton_kernels
+from . import config, native, triton_kernels
 from .config import BNB_QUANT_TYPES  # the types bitsandbytes has kernels for: to/from_bitsandbytes accept these
 
 if TYPE_CHECKING:
@@ -45,7 +48,13 @@ def normal_float_levels(offset: float = NF4_OFFSET, bits: int = 4) -> torch.Tens
     Rounding follows bitsandbytes (float32 probabilities, float64 quantiles, float32 normalisation), so the 4-bit
     result equals its table bit for bit; done in float64 throughout, 10 of the 16 values differ by <= 1.2e-7.
     """
-    half = 2 ** (bits - 1)
+    bits_ = _as_int(bits)
+    if bits_ is None or not 2 <= bits_ <= 8:
+        raise ValueError(f"bits must be an integer from 2 to 8 (NF4 is 4), got {bits!r}")
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Real) or not 0.5 < float(offset) < 1.0:
+        raise ValueError(f"offset is the outermost quantile's probability, a number in (0.5, 1); got {offset!r} "
+                         f"(NF4 uses {NF4_OFFSET})")
+    half = 2 ** (bits_ - 1)
     probs_pos = torch.linspace(offset, 0.5, half + 1, dtype=torch.float32)[:-1]  # 8 probabilities > 0.5
     probs_neg = torch.linspace(offset, 0.5, half, dtype=torch.float32)[:-1]      # 7 probabilities > 0.5
     positive = torch.special.ndtri(probs_pos.double()).float()
@@ -173,21 +182,34 @@ def _tables(quant_type: str, device: torch.device) -> _Tables:
 
 def check_quant_type(quant_type: str, bitsandbytes: bool = False) -> str:
     """The quant type's canonical (lower-case) name; a clear error for an unknown one (or, with `bitsandbytes`,
-    one bitsandbytes has no kernels for). The one rule every module uses."""
-    allowed = BNB_QUANT_TYPES if bitsandbytes else tuple(FORMATS)
-    if not isinstance(quant_type, str) or quant_type.lower() not in allowed:
-        where = "bitsandbytes has 4-bit kernels for" if bitsandbytes else "use one of"
-        raise ValueError(f"unknown quant_type {quant_type!r}: {where} {', '.join(map(repr, allowed))}")
-    return quant_type.lower()
+    one bitsandbytes has no kernels for). The one rule every module uses (config.check_quant_type, with this
+    module's list of formats)."""
+    return config.check_quant_type(quant_type, BNB_QUANT_TYPES if bitsandbytes else tuple(FORMATS))
 
 
-def _check_blocksize(blocksize: int) -> int:
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
+def _as_int(value: object) -> int | None:
+    """`value` as a Python int if it is an integer (int, numpy integer, 0-d integer tensor), else None; bools are
+    not integers here."""
+    if isinstance(value, bool) or type(value).__name__ in ("bool_", "bool"):
+        return None
+    if isinstance(value, torch.Tensor) and (value.dim() != 0 or value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_blocksize(blocksize: object, what: str = "blocksize") -> int:
+    """The block size as an int (a numpy integer or 0-d integer tensor is the integer it holds), or a clear error:
+    a power of two from 32 to 4096, what bitsandbytes' 4-bit path accepts."""
+    value = _as_int(blocksize)
+    if value not in BLOCKSIZES:
         raise ValueError(
-            f"blocksize must be a power of two from 32 to 4096 (as in bitsandbytes), got {blocksize!r}; "
-            "QLoRA uses 64"
+            f"{what} must be a power of two from 32 to 4096 (as in bitsandbytes), got {blocksize!r}; "
+            + ("QLoRA uses 64" if what == "blocksize" else f"bitsandbytes uses {NESTED_BLOCKSIZE}")
         )
-    return blocksize
+    return value
 
 
 def _check_weight(w: torch.Tensor) -> None:
@@ -200,6 +222,12 @@ def _check_weight(w: torch.Tensor) -> None:
         )
     if w.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(w.shape)}): there is nothing to store")
+    if w.device.type == "meta":
+        raise ValueError(
+            f"cannot quantize a tensor on the meta device (shape {tuple(w.shape)}): it has a shape but no values, "
+            "as in a model built under torch.device('meta') or init_empty_weights. Load the real weights first "
+            "(e.g. model.to_empty(device='cpu'), then model.load_state_dict(...))"
+        )
 
 
 def _raise_non_finite(w: torch.Tensor) -> None:
@@ -300,7 +328,11 @@ def _quantize_8bit_cpu_rule(x: torch.Tensor, blocksize: int) -> tuple[torch.Tens
     absmax = padded.abs().amax(dim=1)
     inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))  # all-zero block: no 0 * inf
     scaled = (padded * inverse.unsqueeze(1)).clamp(-1.0, 1.0)
-    index = (((scaled + 1.0) * 0.5) * 65535.0 + 0.5).to(torch.int32)  # same operation order as the C++ kernel
+    grid = ((scaled + 1.0) * 0.5) * 65535.0 + 0.5  # same operation order as the C++ kernel
+    # A subnormal block absmax has an infinite inverse: its zeros scale to 0 * inf = NaN (and the padding of the
+    # last block does too). The C++ kernel turns NaN into grid point 0 (an x86 float-to-int conversion of NaN gives
+    # 0x80000000, whose low 16 bits are 0), i.e. code 0; so do we, instead of indexing with NaN cast to int.
+    index = torch.nan_to_num(grid, nan=0.0).to(torch.int32)
     q = lut[index.long()]
     q[absmax == 0] = 0  # an all-zero block is stored as code 0
     return q.reshape(-1)[:n], absmax
@@ -336,6 +368,56 @@ class QuantizedTensor:
     nested_absmax: torch.Tensor | None = None  # float32 per NESTED_BLOCKSIZE constants (c1), double quant only
     offset: torch.Tensor | None = None         # float32 scalar: mean of the constants, double quant only
     nested_blocksize: int = NESTED_BLOCKSIZE
+
+    def __post_init__(self) -> None:
+        # Checked once, here, for every way of making one (quantize, from_bitsandbytes, to(), by hand), so that no
+        # backend ever reads past a buffer or scales with the wrong numbers: only sizes, dtypes and devices are
+        # looked at, never the values (cheap, and fine under torch.compile's fake tensors).
+        set_ = object.__setattr__  # frozen dataclass: canonical forms are stored through object.__setattr__
+        set_(self, "quant_type", check_quant_type(self.quant_type))
+        set_(self, "blocksize", check_blocksize(self.blocksize))
+        set_(self, "nested_blocksize", check_blocksize(self.nested_blocksize, "nested_blocksize"))
+        dims = [_as_int(d) for d in (self.shape if isinstance(self.shape, (tuple, list, torch.Size)) else [None])]
+        if any(d is None or d < 0 for d in dims) or math.prod(dims) == 0:
+            raise ValueError(f"QuantizedTensor: shape must be a tuple of non-negative ints holding at least one "
+                             f"value, got {self.shape!r}")
+        set_(self, "shape", torch.Size(dims))
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise TypeError(f"QuantizedTensor: dtype is the original tensor's floating-point dtype (e.g. "
+                            f"torch.bfloat16), got {self.dtype!r}")
+        n = math.prod(dims)
+        blocks = -(-n // self.blocksize)
+        fix = "build it with quantize() or from_bitsandbytes(), or pass the parts of one quantization together"
+        if (self.nested_absmax is None) != (self.offset is None):
+            given = "offset" if self.nested_absmax is None else "nested_absmax"
+            raise ValueError("QuantizedTensor: double quantization needs both nested_absmax and offset (plain 4-bit "
+                             f"quantization neither); got only {given}")
+        expect = [("packed", self.packed, torch.uint8, (n + 1) // 2,
+                   f"(numel + 1) // 2 bytes for shape {tuple(dims)}, two 4-bit codes per byte")]
+        if self.nested_absmax is None:
+            expect.append(("absmax", self.absmax, torch.float32, blocks,
+                           f"one fp32 scale per block of {self.blocksize}"))
+            if isinstance(self.absmax, torch.Tensor) and self.absmax.dtype == torch.uint8:
+                raise ValueError("QuantizedTensor: absmax is uint8, i.e. the 8-bit codes of double quantization, but "
+                                 "nested_absmax and offset are missing, so the codes would be read as scales; "
+                                 "pass the nested state too (from_bitsandbytes: a QuantState with state2)")
+        else:
+            expect += [("absmax", self.absmax, torch.uint8, blocks,
+                        f"one 8-bit code per block of {self.blocksize} (double quantization)"),
+                       ("nested_absmax", self.nested_absmax, torch.float32, -(-blocks // self.nested_blocksize),
+                        f"one fp32 scale per {self.nested_blocksize} block constants"),
+                       ("offset", self.offset, torch.float32, 1, "one fp32 value, the mean that was subtracted")]
+        device = self.packed.device if isinstance(self.packed, torch.Tensor) else None
+        for name, t, dtype, size, what in expect:
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"QuantizedTensor: {name} must be a torch.Tensor, got {type(t).__name__}")
+            flat_ok = t.dim() <= 1 if name == "offset" else t.dim() == 1
+            if t.dtype != dtype or t.numel() != size or not flat_ok:
+                raise ValueError(f"QuantizedTensor: inconsistent sizes: {name} must be a flat {dtype} tensor of "
+                                 f"{size} values ({what}), got {t.dtype} of shape {tuple(t.shape)}; {fix}")
+            if t.device != device:
+                raise ValueError(f"QuantizedTensor: {name} is on {t.device} but packed is on {device}: every part "
+                                 "must be on one device (move the whole object with .to(device))")
 
     @property
     def double_quant(self) -> bool:
@@ -497,32 +579,36 @@ class QuantizedTensor:
         if not isinstance(quant_state, QuantState):
             raise TypeError(f"quant_state must be a bitsandbytes QuantState, got {type(quant_state).__name__}")
         qt = quant_state.quant_type
-        if qt not in BNB_QUANT_TYPES:
+        if not isinstance(qt, str) or qt.lower() not in BNB_QUANT_TYPES:
             raise ValueError(f"QuantState has quant_type {qt!r}; only 4-bit {' and '.join(map(repr, BNB_QUANT_TYPES))}"
                              " states can be converted")
+        qt = qt.lower()
         if quant_type is not None and check_quant_type(quant_type) != qt:
             raise ValueError(f"expected a {quant_type!r} QuantState but got a {qt!r} one: "
                              f"pass quant_type={qt!r}, or quantize with the type you want")
         if quant_state.code is not None and not torch.equal(quant_state.code.float().cpu(), _codebook_cpu(qt)):
             raise ValueError(f"QuantState says {qt!r} but its code table is not bitsandbytes' {qt} table")
-        shape = torch.Size(quant_state.shape)
-        n = shape.numel()
+        if not isinstance(packed, torch.Tensor):
+            raise TypeError(f"packed must be the torch.Tensor of packed 4-bit codes, got {type(packed).__name__}")
         if packed.dtype != torch.uint8:
+            if packed.dtype.itemsize != 1 and not packed.is_contiguous():
+                raise ValueError(f"packed is a non-contiguous {packed.dtype} tensor: its bytes cannot be viewed as "
+                                 "uint8 codes; pass packed.contiguous()")
             packed = packed.view(torch.uint8)  # bitsandbytes may store the bytes as another dtype (quant_storage)
-        blocks = -(-n // quant_state.blocksize)
-        if packed.numel() != (n + 1) // 2 or quant_state.absmax.numel() != blocks:
-            raise ValueError(f"inconsistent sizes: shape {tuple(shape)} needs {(n + 1) // 2} packed bytes and {blocks}"
-                             f" constants, got {packed.numel()} and {quant_state.absmax.numel()}")
         nested_absmax = offset = None
         nested_blocksize = NESTED_BLOCKSIZE
         if quant_state.nested:
             s2 = quant_state.state2
-            if not torch.equal(s2.code.float().cpu(), _dynamic_map_cpu()):
+            if s2 is None or s2.absmax is None or quant_state.offset is None:
+                raise ValueError("the QuantState says it is double-quantized but lacks its nested state (state2 with "
+                                 "absmax) or its offset; pass the QuantState bitsandbytes made, unchanged")
+            if s2.code is not None and not torch.equal(s2.code.float().cpu(), _dynamic_map_cpu()):
                 raise ValueError("the nested QuantState does not use bitsandbytes' dynamic 8-bit map")
-            nested_absmax, offset, nested_blocksize = s2.absmax, quant_state.offset.float(), s2.blocksize
-        return cls(packed=packed.reshape(-1), absmax=quant_state.absmax, shape=shape, dtype=quant_state.dtype,
-                   blocksize=quant_state.blocksize, quant_type=qt, nested_absmax=nested_absmax, offset=offset,
-                   nested_blocksize=nested_blocksize)
+            nested_absmax, offset, nested_blocksize = s2.absmax, quant_state.offset, s2.blocksize
+        # every size, dtype and device is checked by the constructor (a uint8 absmax without a nested state too)
+        return cls(packed=packed.reshape(-1), absmax=quant_state.absmax, shape=quant_state.shape,
+                   dtype=quant_state.dtype, blocksize=quant_state.blocksize, quant_type=qt,
+                   nested_absmax=nested_absmax, offset=offset, nested_blocksize=nested_blocksize)
 
 
 def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
@@ -536,7 +622,9 @@ def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
     """
     _check_weight(w)
     quant_type = check_quant_type(quant_type)
-    blocksize = _check_blocksize(blocksize)
+    blocksize = check_blocksize(blocksize)
+    if not isinstance(double_quant, bool) and type(double_quant).__name__ not in ("bool_", "bool"):
+        raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
     if torch.compiler.is_compiling():  # one opaque operator (see the end of this file)
         packed, absmax, nested, offset = torch.ops.qlora_tutor.quantize_4bit(w.detach(), quant_type, blocksize,
                                                                             double_quant)
@@ -547,6 +635,13 @@ def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
     if not double_quant:
         return QuantizedTensor(packed, absmax, w.shape, w.dtype, blocksize, quant_type)
     offset = absmax.mean()
+    if not torch.isfinite(offset):  # absmax is finite (checked above), but the float32 sum behind the mean is not
+        raise ValueError(
+            f"double quantization subtracts the mean of the {absmax.numel()} block constants, and that mean "
+            f"overflows float32 here (the largest absmax is {float(absmax.max()):.3g}; the sum of them all exceeds "
+            f"{torch.finfo(torch.float32).max:.3g}); bitsandbytes would store an infinite offset and dequantize to "
+            "Inf/NaN. Quantize with double_quant=False, or scale the weights down first"
+        )
     if _use_triton(backend, absmax.device):  # the 8-bit step as one kernel too (same bits)
         qabsmax, nested_absmax = triton_kernels.quantize_constants(absmax, offset, _grid_table(absmax.device),
                                                                    NESTED_BLOCKSIZE)

@@ -53,8 +53,11 @@ def quiet_libraries() -> Iterator[None]:
 def hide_library_notices() -> None:
     """For an entry point (a notebook's setup cell): hide, from now on in this process, the harmless notices that
     `quiet_libraries()` hides inside a block: the gradient-checkpointing renaming FutureWarnings that PEFT
-    triggers in transformers 5, and bitsandbytes' optional-kernel notice (by importing it quietly now). Library
-    code never calls this; only the caller decides to change its own process's warning filters."""
+    triggers in transformers 5, bitsandbytes' optional-kernel notice (by importing it quietly now), and tqdm's
+    "IProgress not found" (it looks for Jupyter widgets, which the notebooks do not need: progress is printed).
+    Call it before importing transformers or PEFT. Library code never calls this; only the caller decides to
+    change its own process's warning filters."""
     warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="IProgress not found")
     warnings.filterwarnings("ignore", message=".*use_reentrant.*")
     import_bitsandbytes()

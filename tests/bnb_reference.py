@@ -1,13 +1,22 @@
-"""Comparing dequantized values with bitsandbytes' CPU output, bit for bit, and the two places where bitsandbytes
+"""Comparing dequantized values with bitsandbytes' CPU output, bit for bit, and the three places where bitsandbytes
 0.50.2 disagrees with itself (so that a test states exactly what it accepts, and nothing more).
 
 1. FP4 code 8 (the bit pattern of -0) is +0.0 in bitsandbytes' table and its PyTorch path, and ours; its C++ CPU
-   kernel returns -0.0 for it on some shapes and CPUs (every shape on an Intel Xeon with AVX512-FP16; only when
-   the last dimension is not a multiple of 32 on the AMD EPYC of CI). Zeros are compared as numbers for FP4.
+   kernel returns -0.0 for it on some shapes and CPUs (every shape on an Intel Xeon with AVX512-FP16; on the AMD
+   EPYC of CI only in its plain loop, used where the last dimension is even but not a multiple of 16). Zeros are
+   compared as numbers for FP4.
 2. On CPUs with AVX512-FP16 (Intel Sapphire Rapids and later) its C++ kernel rounds the fp32 product to float16
    with ties away from zero; everywhere else (and in ours) ties go to even. Measured on the H200 host's Xeon: 130 of
    4,141,896 values differ, every one an exact float16 tie. Only such ties may differ, and only on such CPUs.
-Both are recorded, per CPU, in results/bnb_cpu_quirks.md (made by benchmarks/bnb_cpu_quirks.py).
+3. Block scales. Where the CPU has AVX-512, its C++ kernel walks the tensor row by row and gives the 16 values at
+   column c of row r the scale absmax[r * (n // blocksize) + c // blocksize], n being the last dimension: right
+   only when every row starts a new block. It takes that path when n is even and a multiple of 16 and the block
+   size is below 2048 (bitsandbytes' Python side sends larger blocks and odd n to its pure-PyTorch code, which is
+   right). So it mis-scales values when n is a multiple of 16 but not of the block size, once the rows are enough
+   for a block to straddle a row start: (2, 80) with block 64, (3, 64) with block 128, (4, 400) with block 64;
+   never (4, 300) (not a multiple of 16) or (2, 64) with block 128 (both rows inside block 0).
+   `bnb_cpu_dequant_misscales` computes exactly where; test_qlora checks it against bitsandbytes on this CPU.
+1 and 2 are recorded, per CPU, in results/bnb_cpu_quirks.md (made by benchmarks/bnb_cpu_quirks.py), with 3.
 """
 
 from __future__ import annotations
@@ -25,12 +34,37 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
 
 
+def _cpu_flags() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_avx512f() -> bool:
+    """Whether bitsandbytes' CPU kernels take their AVX-512 paths here (/proc/cpuinfo, else torch's own probe)."""
+    flags = _cpu_flags()
+    return " avx512f" in flags if flags else torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def bnb_cpu_dequant_misscales(shape: tuple[int, ...], blocksize: int) -> bool:
+    """True where bitsandbytes 0.50.2's C++ CPU dequantize_4bit gives some values another block's scale (quirk 3
+    above): it reproduces the kernel's index arithmetic and compares it with the right block of every value."""
+    n = shape[-1] if shape else 1
+    if not cpu_has_avx512f() or blocksize >= 2048 or n % 2 or n % 16:
+        return False
+    rows = int(torch.Size(shape[:-1]).numel()) if len(shape) > 1 else 1
+    r = torch.arange(rows).repeat_interleave(n // 16)
+    c = torch.arange(0, n, 16).repeat(rows)
+    used = r * (n // blocksize) + c // blocksize           # the scale the kernel uses for values c..c+15 of row r
+    first, last = (r * n + c) // blocksize, (r * n + c + 15) // blocksize  # the blocks those values are in
+    return bool(((used != first) | (used != last)).any())
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_has_avx512_fp16() -> bool:
-    try:
-        return " avx512_fp16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    return " avx512_fp16" in _cpu_flags()
 
 
 def fp16_ties_rounded_away(ours: torch.Tensor, ref: torch.Tensor, exact: torch.Tensor) -> bool:

@@ -156,6 +156,10 @@ def test_adapter_dtype_fp32_on_16bit_base():
     (8, "16", 0.0, TypeError, "must be a number"),
     (8, None, 0.0, TypeError, "must be a number"),
     (8, float("nan"), 0.0, ValueError, "finite"),
+    (8, float("inf"), 0.0, ValueError, "finite"),
+    (8, 0, 0.0, ValueError, "alpha 0"),
+    (8, -0.0, 0.0, ValueError, "alpha 0"),
+    (8, 16, float("nan"), ValueError, "dropout"),
     (8, 16, 1.0, ValueError, "dropout"),
     (8, 16, -0.1, ValueError, "dropout"),
 ])
@@ -167,3 +171,77 @@ def test_bad_arguments(r, alpha, dropout, err, msg):
 def test_rejects_non_linear_base():
     with pytest.raises(TypeError, match="nn.Linear"):
         LoRALinear(nn.Conv1d(4, 4, 1), 2, 4)
+
+
+# ---------------------------------------------------------------- 16-bit bases: the same bits as PEFT
+
+def _pair16(seed, in_f, out_f, r, alpha, dtype, bias, adapter_dtype=None):
+    torch.manual_seed(seed)
+    base = nn.Linear(in_f, out_f, bias=bias).to(dtype)
+    ours = LoRALinear(copy.deepcopy(base), r, alpha, adapter_dtype=adapter_dtype)
+    with torch.no_grad():
+        ours.lora_B.normal_()
+    ref = peft.get_peft_model(OneLinear(copy.deepcopy(base)),
+                              peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["lin"]),
+                              autocast_adapter_dtype=adapter_dtype is None)  # PEFT's default: fp32 adapters
+    lin = ref.base_model.model.lin
+    assert lin.lora_A["default"].weight.dtype == ours.lora_A.dtype
+    with torch.no_grad():
+        lin.lora_A["default"].weight.copy_(ours.lora_A)
+        lin.lora_B["default"].weight.copy_(ours.lora_B)
+    return ours, ref, lin
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("adapter", ["fp32", "same"])
+@pytest.mark.parametrize("seed,in_f,out_f,r,alpha,bias", [(0, 37, 23, 5, 16, True), (1, 96, 80, 8, 16, False),
+                                                         (2, 64, 130, 16, 8, True)])
+def test_16bit_base_matches_peft_bit_for_bit(dtype, adapter, seed, in_f, out_f, r, alpha, bias):
+    """PEFT adds the fp32 adapter output to the 16-bit base output in fp32 and rounds once; so do we."""
+    from bnb_reference import same_bits
+    ours, ref, lin = _pair16(seed, in_f, out_f, r, alpha, dtype, bias, None if adapter == "fp32" else dtype)
+    x = torch.randn(4, 7, in_f).to(dtype)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = ours(x1), ref(x2)
+    assert y1.dtype == dtype and same_bits(y1, y2), f"{(y1 != y2).float().mean():.1%} of the outputs differ"
+    g = torch.randn_like(y1)
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    assert same_bits(x1.grad, x2.grad)
+    assert same_bits(ours.lora_A.grad, lin.lora_A["default"].weight.grad)
+    assert same_bits(ours.lora_B.grad, lin.lora_B["default"].weight.grad)
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.int8, torch.uint8, torch.int64, torch.bool, torch.complex64,
+                                           "int8", 8, "fp8"], ids=repr)
+def test_adapter_dtype_must_be_floating_point(adapter_dtype):
+    from qlora_tutor.qlora import QLoRALinear
+    for make in (lambda: LoRALinear(nn.Linear(8, 8), 2, 4, adapter_dtype=adapter_dtype),
+                 lambda: QLoRALinear.from_linear(nn.Linear(64, 8), 2, 4, compute_dtype="fp32",
+                                                 adapter_dtype=adapter_dtype)):
+        with pytest.raises((TypeError, ValueError), match="adapter_dtype"):
+            make()
+
+
+def test_adapter_dtype_by_name_or_dtype():
+    assert LoRALinear(nn.Linear(8, 8), 2, 4, adapter_dtype="bf16").lora_A.dtype == torch.bfloat16
+    assert LoRALinear(nn.Linear(8, 8), 2, 4, adapter_dtype=torch.float64).lora_B.dtype == torch.float64
+
+
+@pytest.mark.parametrize("r,in_f,out_f,warns", [(9, 8, 16, True), (17, 32, 16, True), (8, 8, 16, False),
+                                                (16, 32, 16, False), (64, 4096, 96, False)])
+def test_a_rank_above_the_layer_is_said(r, in_f, out_f, warns):
+    import warnings
+    from qlora_tutor.lora import RankWarning
+    from qlora_tutor.qlora import QLoRALinear
+    makers = [lambda: LoRALinear(nn.Linear(in_f, out_f), r, 16)]
+    if (in_f * out_f) % 2 == 0:
+        makers.append(lambda: QLoRALinear.from_linear(nn.Linear(in_f, out_f), r, 16, compute_dtype="fp32"))
+    for make in makers:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make()
+        said = [w for w in caught if issubclass(w.category, RankWarning)]
+        assert len(said) == int(warns), [str(w.message) for w in caught]
+        if warns:
+            assert f"use r <= {min(in_f, out_f)}" in str(said[0].message)

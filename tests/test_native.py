@@ -14,7 +14,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from bnb_reference import BITS, assert_matches_bnb, fp16_ties_rounded_away, same_bits
+from bnb_reference import (BITS, assert_matches_bnb, bnb_cpu_dequant_misscales, fp16_ties_rounded_away,
+                           same_bits)
 from qlora_tutor import native
 from qlora_tutor.quant import BLOCKSIZES, QuantizedTensor, codebook, quantize
 
@@ -55,7 +56,8 @@ def test_native_equals_bitsandbytes_all_block_sizes(blocksize):
     g = torch.Generator().manual_seed(blocksize)
     for dtype, quant_type, double_quant in [(torch.float32, "nf4", False), (torch.bfloat16, "fp4", True),
                                             (torch.float16, "nf4", True), (torch.bfloat16, "nf4", False)]:
-        # last dim a multiple of every block size: bitsandbytes' C++ kernel gets other shapes wrong (see test_qlora)
+        # last dim a multiple of every block size: bitsandbytes' C++ kernel mis-scales some other shapes
+        assert not bnb_cpu_dequant_misscales((24, 4096), blocksize)
         w = (torch.randn(24, 4096, generator=g) * 0.05).to(dtype)
         packed, state = F.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
                                         compress_statistics=double_quant)
@@ -134,14 +136,63 @@ def test_backend_choice_and_errors():
         native.dequantize_4bit(q.packed[:-1], codebook("nf4"), out, 64, absmax=q.absmax)
     with pytest.raises(ValueError, match="packed must be"):
         native.dequantize_4bit(q.packed.int(), codebook("nf4"), out, 64, absmax=q.absmax)
-    with pytest.raises(ValueError, match="even block size"):
+    with pytest.raises(ValueError, match="block size must be an integer from 2"):
         native.dequantize_4bit(q.packed, codebook("nf4"), out, 0, absmax=q.absmax)
+    with pytest.raises(ValueError, match="even block size"):
+        native.dequantize_4bit(q.packed, codebook("nf4"), out, 63, absmax=q.absmax)
     with pytest.raises(ValueError, match="writes float32, bfloat16 or float16"):
         native.dequantize_4bit(q.packed, codebook("nf4"), out.double(), 64, absmax=q.absmax)
     with pytest.raises(ValueError, match="pass absmax, or qabsmax"):
         native.dequantize_4bit(q.packed, codebook("nf4"), out, 64)
     with pytest.raises(ValueError, match="contiguous"):
         native.dequantize_4bit(q.packed, codebook("nf4"), torch.empty(2 * q.numel)[::2], 64, absmax=q.absmax)
+
+
+# Sizes ctypes would cut to their low 64 (or 32) bits on the way to C: 2**64 arrives as 0 (SIGFPE), 2**64 + 64
+# as 64 (reads out of bounds), 2**63 as a negative number; and sizes that are simply absurd or not integers.
+BAD_SIZES = [2**64, 2**64 + 64, 2**64 + 2**32 + 64, 2**63, 2**63 - 2, 2**32 + 64, 2**31, -2**63, -64, 0, 64.0, "64",
+             True]
+CRASH_PROBE = f"""
+import numpy, torch
+from dataclasses import replace
+from qlora_tutor import native
+from qlora_tutor.quant import QuantizedTensor, _codebook_cpu, _dynamic_map_cpu, quantize
+caught = 0
+for dq in (False, True):
+    q = quantize(torch.randn(2**14), "nf4", 64, dq)
+    for bad in {BAD_SIZES!r} + [numpy.uint64(2**64 - 1), numpy.int64(-64)]:
+        calls = [lambda: QuantizedTensor(q.packed, q.absmax[:1], q.shape, q.dtype, bad, "nf4",
+                                         q.nested_absmax, q.offset).dequantize(),
+                 lambda: replace(q, blocksize=bad).dequantize(backend="native"),
+                 lambda: replace(q, nested_blocksize=bad).dequantize(backend="native")]
+        out = torch.empty(q.numel)
+        if dq:
+            kw = dict(qabsmax=q.absmax, dynamic_map=_dynamic_map_cpu(), nested=q.nested_absmax, offset=float(q.offset))
+            calls += [lambda: native.dequantize_4bit(q.packed, _codebook_cpu("nf4"), out, bad, **kw),
+                      lambda: native.dequantize_4bit(q.packed, _codebook_cpu("nf4"), out, 64, nested_blocksize=bad,
+                                                     **kw)]
+        else:
+            calls += [lambda: native.dequantize_4bit(q.packed, _codebook_cpu("nf4"), out, bad, absmax=q.absmax),
+                      lambda: native.dequantize_4bit(q.packed, _codebook_cpu("nf4"), out, 64, absmax=q.absmax,
+                                                     threads=bad)]
+        for call in calls:
+            try:
+                call()
+            except (ValueError, TypeError) as err:
+                caught += 1
+            else:
+                raise SystemExit(f"accepted {{bad!r}}")
+print(caught)
+"""
+
+
+def test_sizes_ctypes_would_truncate_are_errors_not_crashes():
+    """A Python process must never die from a bad argument: each bad size is a ValueError/TypeError (run in a
+    child process, so that a crash shows as its exit signal instead of killing the test run)."""
+    result = subprocess.run([sys.executable, "-c", CRASH_PROBE], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"exit status {result.returncode} (negative: killed by that signal)\n" \
+                                   f"{result.stdout[-500:]}{result.stderr[-2000:]}"
+    assert int(result.stdout.split()[-1]) == 2 * 5 * (len(BAD_SIZES) + 2)
 
 
 def _run(code: str, **env: str) -> str:
@@ -170,12 +221,14 @@ def test_off_switch_and_no_compiler_fall_back_to_torch(tmp_path):
 def test_build_is_cached_and_rebuilt_when_missing(tmp_path):
     env = dict(XDG_CACHE_HOME=str(tmp_path))
     assert _run(CHECK, **env).startswith("True")
-    built = list((tmp_path / "qlora_tutor").glob("dequant4-*"))
-    assert len(built) == 1 and oct(built[0].parent.stat().st_mode & 0o777) == "0o700"
+    folder = tmp_path / "qlora_tutor"
+    built = sorted(folder.glob("dequant4-*"))  # the library and its recorded SHA-256
+    assert [p.suffix for p in built] == [".so" if sys.platform != "darwin" else ".dylib", ".sha256"]
+    assert oct(folder.stat().st_mode & 0o777) == "0o700" and not built[0].stat().st_mode & 0o077
     mtime = built[0].stat().st_mtime_ns
-    assert _run(CHECK, **env).startswith("True")
+    assert "cached in" in _run(CHECK + "; print(native._load()['where'])", **env)
     assert built[0].stat().st_mtime_ns == mtime  # loaded from the cache, not compiled again
-    assert not [p for p in (tmp_path / "qlora_tutor").iterdir() if p not in built]  # no temporary files left
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", *(p.name for p in built)]  # no temporary files
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="transparent huge pages are a Linux feature")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from bnb_reference import assert_matches_bnb, same_bits
+from bnb_reference import assert_matches_bnb, bnb_cpu_dequant_misscales, same_bits
 from qlora_tutor.quant import (
     BLOCKSIZES, NESTED_BLOCKSIZE, QuantizedTensor, codebook, dynamic_map, normal_float_levels, quantize,
 )
@@ -63,6 +63,7 @@ def assert_same_as_bnb(q: QuantizedTensor, packed, state) -> None:
         assert same_bits(dynamic_map(), state.state2.code), "8-bit map differs"
     else:
         assert not q.double_quant
+    assert not bnb_cpu_dequant_misscales(tuple(state.shape), state.blocksize)  # (bnb_reference, quirk 3)
     ref = F.dequantize_4bit(packed, state)
     exact = q.dequantize(torch.float32, backend="torch")  # fp32 products: see bnb_reference on float16 ties
     for backend in ("torch", "auto"):  # the PyTorch code, and the native C pass where it is available
@@ -214,3 +215,48 @@ def test_dequantize_dtype_device_repr():
     assert torch.equal(moved.dequantize(), q.dequantize())
     text = repr(quantize(w, "fp4", 128, double_quant=True))
     assert "fp4" in text and "blocksize=128" in text and "double_quant" in text and "bits/param" in text
+
+
+# ---------------------------------------------------------------- double quantization at the edges of float32
+
+def _tiny_constant_groups():
+    """Weights whose block constants differ from their mean by a few float32 steps near 1e-37, so that a group
+    of 256 constants has a subnormal absmax: 1/absmax is inf, and its zeros (and the padding) scale to NaN."""
+    for steps, blocks, dtype in [(1, 256, torch.float32), (1, 300, torch.float32), (1, 1000, torch.float32),
+                                 (3, 256, torch.float32), (100, 1000, torch.float32), (1, 300, torch.bfloat16),
+                                 (7, 513, torch.float32)]:
+        v = up = torch.tensor(3e-37, dtype=dtype)
+        for _ in range(steps):  # steps of the weight's own dtype (a bfloat16 step there is still subnormal)
+            up = torch.nextafter(up, torch.tensor(1.0, dtype=dtype))
+        w = torch.full((blocks, 64), v.item(), dtype=dtype)
+        w[0, 0] = up
+        w[blocks // 2, 5] = -up  # a negative constant of the same size
+        yield w
+    w = torch.full((64, 1000), 3e-37)  # the case as first reported
+    w[0, 0] = 3.00001e-37
+    yield w
+
+
+def test_double_quant_with_subnormal_constant_groups_matches_bitsandbytes():
+    for w in _tiny_constant_groups():
+        packed, state = bnb_quantize(w, "nf4", 64, True)
+        nested = state.state2.absmax
+        assert (nested[nested > 0] < torch.finfo(torch.float32).tiny).any(), "the case must reach a subnormal group"
+        assert_same_as_bnb(quantize(w, "nf4", 64, True), packed, state)
+
+
+@pytest.mark.parametrize("value,blocks", [(1e36, 1000), (1e37, 1000), (3.4e38, 4), (1e38, 100)])
+def test_double_quant_whose_mean_overflows_is_a_clear_error(value, blocks):
+    w = torch.full((blocks, 64), value)
+    w[1] *= 0.25
+    _, state = bnb_quantize(w, "nf4", 64, True)
+    assert not torch.isfinite(state.offset)  # bitsandbytes stores an infinite offset (and dequantizes to Inf/NaN)
+    with pytest.raises(ValueError, match=r"mean overflows float32.*double_quant=False"):
+        quantize(w, "nf4", 64, True)
+    assert_same_as_bnb(quantize(w, "nf4", 64, False), *bnb_quantize(w, "nf4", 64, False))  # fine without DQ
+
+
+def test_double_quant_of_huge_but_summable_constants_matches_bitsandbytes():
+    w = torch.full((30, 64), 1e37)  # the mean of 30 constants of 1e37 is finite
+    w[0, 7], w[1] = 5e36, 2.5e36
+    assert_same_as_bnb(quantize(w, "nf4", 64, True), *bnb_quantize(w, "nf4", 64, True))
