@@ -117,13 +117,14 @@ class Range:
 
 
 def knob(default: Any, group: str, help: str, *flags: str, valid: Range | None = None, switch: bool = False,
-         **argparse_options: Any) -> Any:
+         canonical: Callable[[Any], Any] | None = None, **argparse_options: Any) -> Any:
     """A FinetuneConfig field that is also a `qlora-tutor finetune` option: `flags` (default: --field-name),
     the help a learner reads, the argparse group it is listed under and, for a number, the `valid` Range that
     `check_values` and the CLI enforce. `switch`: True/False/None (auto), with an on flag and an off flag.
+    `canonical`: the one rule that names a value ('NF4' is 'nf4'), applied by `check_values`.
     The CLI is built from these alone."""
     return field(default=default, metadata={"group": group, "help": help, "flags": flags, "valid": valid,
-                                            "switch": switch, "argparse": argparse_options})
+                                            "switch": switch, "canonical": canonical, "argparse": argparse_options})
 
 
 def flag_of(f: Any) -> str:
@@ -155,7 +156,8 @@ class FinetuneConfig:
         "full: train every weight (needs much more memory and a lower --lr, e.g. 1e-4)." + _D), choices=METHODS)
     quant_type: str = knob("nf4", "method and quantization", (
         "4-bit data type: nf4 puts its 16 levels at quantiles of a normal distribution, matching how weights are "
-        "spread; fp4 is a tiny float format (bitsandbytes' own default)." + _D), choices=BNB_QUANT_TYPES)
+        "spread; fp4 is a tiny float format (bitsandbytes' own default)." + _D), choices=BNB_QUANT_TYPES,
+        type=str.lower, canonical=check_quant_type)
     double_quant: bool = knob(True, "method and quantization", (
         "keep the per-block scale constants in 32-bit instead of quantizing them to 8-bit (double quantization "
         "saves ~0.37 bit per parameter, ~3 GB on a 65B model, at no measurable quality cost)"), "--no-double-quant")
@@ -252,7 +254,12 @@ def check_values(cfg: FinetuneConfig) -> None:
     for f in fields(FinetuneConfig):
         value, name = getattr(cfg, f.name), f"{f.name} ({flag_of(f)})"
         valid, choices = f.metadata.get("valid"), f.metadata.get("argparse", {}).get("choices")
-        if valid is not None:
+        if f.metadata.get("canonical") is not None:
+            try:
+                setattr(cfg, f.name, f.metadata["canonical"](value))
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        elif valid is not None:
             setattr(cfg, f.name, valid.check(name, value))
         elif isinstance(f.default, bool) or f.metadata.get("switch"):
             if not isinstance(value, bool) and not (value is None and f.metadata.get("switch")):

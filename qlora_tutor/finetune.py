@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from . import data, distributed, generation, hardware, models, paths, plots
-from .config import BNB_QUANT_TYPES, METHODS, FinetuneConfig, check_values
+from .config import METHODS, FinetuneConfig, check_values
 from .counting import count_parameters, weight_bytes
 from .measure import PeakMemory
 from .paths import atomic_save_dir, atomic_write_text
@@ -53,8 +53,6 @@ def check_config(cfg: FinetuneConfig, info: hardware.DeviceInfo | None = None,
     check_values(cfg)  # every option against its declared range and choices (config.py)
     if cfg.method not in METHODS:
         raise ValueError(f"method {cfg.method!r} unknown: use one of {METHODS}")
-    if cfg.quant_type not in BNB_QUANT_TYPES:
-        raise ValueError(f"quant_type {cfg.quant_type!r} unknown: use 'nf4' (the paper's) or 'fp4'")
     info = info or hardware.detect()
     dtype = hardware.compute_dtype(cfg.dtype, info)
     if info.device == "cpu" and dtype == torch.float16:
@@ -64,7 +62,7 @@ def check_config(cfg: FinetuneConfig, info: hardware.DeviceInfo | None = None,
     model_path = models.resolve_model(cfg.model, data_root)
     model_config = models.load_model_config(model_path)
     if cfg.method != "full":
-        models.check_targets(model_config, cfg.target_modules, r=cfg.r)
+        models.check_targets(model_config, cfg.target_modules, r=cfg.r, warn=warn)
     context = getattr(model_config, "max_position_embeddings", None)
     if isinstance(context, int) and cfg.max_length > context:
         raise ValueError(f"max_length (--max-length) {cfg.max_length} is longer than the model's context "

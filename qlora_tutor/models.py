@@ -11,7 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -144,10 +144,12 @@ def load_model_config(model_path: str) -> Any:
         raise ValueError(f"could not load model {model_path!r}: {e}. Offline? Use a local folder or 'embedded'.") from None
 
 
-def check_targets(model_config: Any, target_modules: str | list[str], r: int | None = None) -> list[str]:
+def check_targets(model_config: Any, target_modules: str | list[str], r: int | None = None,
+                  warn: Callable[[str], None] | None = None) -> list[str]:
     """The linear layers `target_modules` selects in this model (built on the meta device: no memory, no weights),
-    by the same rule PEFT applies; a clear error when an entry selects nothing, or when the LoRA rank `r` is
-    larger than a selected layer (B·A can have rank at most min(in, out): the extra rank trains nothing)."""
+    by the same rule PEFT applies; a clear error when an entry selects nothing. A LoRA rank `r` larger than a
+    selected layer (B·A can have rank at most min(in, out), so the extra rank only costs memory; PEFT accepts
+    it, as does the from-scratch add_adapters with a warning) is said through `warn` (an error without it)."""
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config)
@@ -158,9 +160,12 @@ def check_targets(model_config: Any, target_modules: str | list[str], r: int | N
         layer = modules[smallest]
         limit = min(layer.in_features, layer.out_features)
         if r > limit:
-            raise ValueError(f"r (--r) {r} is larger than the layer {smallest} ({layer.out_features} x "
-                             f"{layer.in_features}): its update B·A can have rank at most {limit}. "
-                             f"Use --r {limit} or less (8-64 is usual).")
+            message = (f"r (--r) {r} is larger than the layer {smallest} ({layer.out_features} x "
+                       f"{layer.in_features}): its update B·A can have rank at most {limit}, so the extra rank "
+                       f"only costs memory. Use --r {limit} or less (8-64 is usual).")
+            if warn is None:
+                raise ValueError(message)
+            warn(f"warning: {message}")
     return names
 
 

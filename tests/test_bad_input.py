@@ -126,7 +126,6 @@ def test_every_subcommand_checks_its_numbers(capsys, command, argv):
     ({"optim": "bogus"}, "not an optimizer the transformers Trainer knows"),
     ({"max_length": 8}, "leaves no room for an answer: the longest training prompt is"),
     ({"max_length": 100_000}, "longer than the model's context (128 positions"),
-    ({"r": 4096}, "larger than the layer"),
     ({"lora_alpha": 0.0}, "alpha 0 would scale every update to zero"),
     ({"lora_alpha": math.nan}, "lora_alpha (--lora-alpha) must be a number > 0"),
     ({"learning_rate": math.nan}, "learning_rate (--lr) must be"),
@@ -137,7 +136,7 @@ def test_every_subcommand_checks_its_numbers(capsys, command, argv):
     ({"train_examples": 0}, "train_examples (--train-examples) must be"),
     ({"max_grad_norm": math.nan}, "max_grad_norm (--max-grad-norm) must be"),
     ({"target_modules": "q_proj,c_attn"}, "c_attn"),
-    ({"method": "qlora", "quant_type": "nf5"}, "quant_type (--quant-type) must be one of nf4, fp4"),
+    ({"method": "qlora", "quant_type": "nf5"}, "quant_type (--quant-type): unknown quant_type 'nf5'"),
 ])
 def test_a_bad_option_with_overwrite_fails_before_the_model_loads_and_leaves_the_old_run(
         tmp_path, no_model_load, overrides, phrase):
@@ -155,18 +154,29 @@ def test_late_errors_on_the_command_line_come_before_any_file(capsys, tmp_path, 
     root = tiny_setup()
     base = ["--model", str(root / "model"), "--data", str(root / "data"), "--output", str(tmp_path / "o")]
     for extra, phrase in ((("--optim", "bogus"), "--optim"), (("--max-length", "8"), "(--max-length) 8 leaves"),
-                          (("--r", "4096"), "larger than the layer")):
+                          (("--target-modules", "q_proj,qkv"), "qkv")):
         assert phrase in _error(capsys, "finetune", *base, *extra)
     assert not (tmp_path / "o").exists()
 
 
-def test_fp16_on_a_cpu_is_warned_about():
+def test_settings_that_work_but_badly_are_warned_about():
     heard = []
     finetune.check_config(tiny_config("unused", dtype="fp16"), warn=heard.append)
     assert len(heard) == 1 and "fp16 on a CPU" in heard[0] and "slower" in heard[0]
     heard.clear()
-    finetune.check_config(tiny_config("unused", dtype="auto"), warn=heard.append)
+    # the tiny model's k_proj is 32 x 64: B·A has rank 32 at most (PEFT and add_adapters accept more, and say so)
+    finetune.check_config(tiny_config("unused", r=33), warn=heard.append)
+    assert len(heard) == 1 and "r (--r) 33 is larger than the layer" in heard[0] and "at most 32" in heard[0]
+    heard.clear()
+    finetune.check_config(tiny_config("unused", r=32, dtype="auto"), warn=heard.append)
     assert heard == []
+
+
+def test_quant_type_names_follow_the_one_rule():
+    for name in ("NF4", "Nf4", "FP4"):
+        assert finetune.check_config(tiny_config("unused", quant_type=name)) and \
+            config.FinetuneConfig(quant_type=name).check().quant_type == name.lower()
+        assert cli.build_parser().parse_args(["finetune", "--quant-type", name]).quant_type == name.lower()
 
 
 def test_an_empty_prompt_is_refused_before_the_model_loads(capsys, no_model_load):
