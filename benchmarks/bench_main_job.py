@@ -25,6 +25,17 @@ from qlora_tutor.hardware import versions
 from qlora_tutor.paths import atomic_write_text
 
 
+def _cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else the platform's processor string."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def _train_seconds(model, opt, batches, threads: int) -> float:
     """Seconds per optimizer step (forward, backward, clip, AdamW) over `batches`, with `threads` CPU threads."""
     torch.set_num_threads(threads)
@@ -52,7 +63,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6, help="training steps per variant and round")
     p.add_argument("--prompts", type=int, default=32, help="prompts generated per variant and round")
     p.add_argument("--max-new-tokens", type=int, default=120)
-    p.add_argument("--out", default=None, help="write the table here (markdown)")
+    p.add_argument("--out", default="results/main_job/threads_and_checkpointing_cpu.md",
+                   help="write the table here (markdown; default: %(default)s)")
     args = p.parse_args()
 
     cfg = FinetuneConfig()
@@ -85,7 +97,7 @@ def main() -> None:
     med = {v: statistics.median(s) for v, s in times.items()}
     ref_train, ref_gen = med[("train", 1, True)], med[("generate", 1, None)]
     lines = ["# The main job's costly phases on a CPU: threads and gradient checkpointing", "",
-             f"- machine: {platform.machine()}, {os.cpu_count()} cores; "
+             f"- machine: {_cpu_name()} ({platform.machine()}), {os.cpu_count()} cores; "
              + ", ".join(f"{k} {v}" for k, v in versions().items()),
              f"- load average (1 min) during the run: {min(loads):.1f} to {max(loads):.1f}",
              f"- command: python benchmarks/bench_main_job.py --rounds {args.rounds} --steps {args.steps} "
@@ -102,6 +114,7 @@ def main() -> None:
     print(text)
     if args.out:
         atomic_write_text(args.out, text)
+        print(f"written: {args.out}")
 
 
 if __name__ == "__main__":
