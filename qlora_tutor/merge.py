@@ -97,16 +97,20 @@ def merge_adapter(run: str | Path, output: str | Path, base: str = "dequantized"
 
 
 @torch.no_grad()
-def requantization_error(peft_model: Any, adapter: str = "default") -> dict[str, float]:
+def requantization_error(peft_model: Any, adapter: str = "default",
+                         round_trips: dict[str, Any] | None = None) -> dict[str, float]:
     """How much of each LoRA update survives a merge, relative to the size of the update ‖ΔW‖:
 
     - 'requant_4bit': ‖Q4(W4 + ΔW) − (W4 + ΔW)‖ / ‖ΔW‖: merging into the 4-bit weights in place (W4 = dequantized base)
     - 'round_16bit': ‖bf16(W4 + ΔW) − (W4 + ΔW)‖ / ‖ΔW‖: our merge, stored in bf16
-    Both pooled over all adapted layers. A value near 1 means the error is as large as the update itself.
+    - one more entry per `round_trips` name -> function(W) (e.g. real_model.q4_1_round_trip, the GGUF's format)
+    All pooled over all adapted layers. A value near 1 means the error is as large as the update itself.
     """
     import_bitsandbytes()
     import bitsandbytes.functional as bnbf
+    extra = dict(round_trips or {})
     err4 = err16 = norm = 0.0
+    errs = {name: 0.0 for name in extra}
     for module in peft_model.modules():
         weight = getattr(getattr(module, "base_layer", None), "weight", None)
         if weight is None or getattr(weight, "quant_state", None) is None or adapter not in getattr(module, "lora_A", {}):
@@ -118,7 +122,10 @@ def requantization_error(peft_model: Any, adapter: str = "default") -> dict[str,
                                     quant_type=qs.quant_type)
         err4 += (bnbf.dequantize_4bit(q, qs2).float() - exact).pow(2).sum().item()
         err16 += (exact.bfloat16().float() - exact).pow(2).sum().item()
+        for name, fn in extra.items():
+            errs[name] += (fn(exact).float() - exact).pow(2).sum().item()
         norm += module.get_delta_weight(adapter).float().pow(2).sum().item()
     if norm == 0:
         raise ValueError("no 4-bit LoRA layers with a non-zero update found (train the adapter first)")
-    return {"requant_4bit": (err4 / norm) ** 0.5, "round_16bit": (err16 / norm) ** 0.5}
+    return {"requant_4bit": (err4 / norm) ** 0.5, "round_16bit": (err16 / norm) ** 0.5,
+            **{name: (e / norm) ** 0.5 for name, e in errs.items()}}

@@ -38,9 +38,13 @@ def embedded_model_dir(data_root: str | os.PathLike | None = None) -> Path:
 
 
 def resolve_model(model: str, data_root: str | os.PathLike | None = None) -> str:
-    """'embedded' → the shipped model folder; an existing folder → itself; 'org/name' → a hub id. Else a clear error."""
+    """'embedded' → the shipped model folder; 'smollm2-135m' or a .gguf file → its transformers folder (converted once
+    and cached, real_model.ensure_model); an existing folder → itself; 'org/name' → a hub id. Else a clear error."""
     if model == "embedded":
         return str(embedded_model_dir(data_root))
+    from . import real_model
+    if real_model.is_gguf_model(model):
+        return str(real_model.ensure_model(model))
     path = Path(model).expanduser()
     if path.exists():
         check_model_folder(path)
@@ -49,7 +53,8 @@ def resolve_model(model: str, data_root: str | os.PathLike | None = None) -> str
         raise paths.no_such_path(model, "model")
     if looks_like_hub_id(model):
         return model
-    raise FileNotFoundError(f"model {model!r} not found: give 'embedded', an existing folder, or a hub id 'org/name'")
+    raise FileNotFoundError(f"model {model!r} not found: give 'embedded', 'smollm2-135m', an existing folder, a .gguf "
+                            "file, or a hub id 'org/name'")
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")

@@ -61,3 +61,30 @@ def hide_library_notices() -> None:
     warnings.filterwarnings("ignore", message="IProgress not found")
     warnings.filterwarnings("ignore", message=".*use_reentrant.*")
     import_bitsandbytes()
+
+
+@contextlib.contextmanager
+def quiet_gguf_loading() -> Iterator[None]:
+    """Inside the block: transformers' GGUF loader without its progress bars and warnings. Its "de-quantizing"
+    bar is a plain tqdm of its own (transformers' switch does not reach it), so that one is wrapped with
+    disable=True for the duration. Everything is restored afterwards."""
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    bar = getattr(gguf_utils, "tqdm", None)
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()

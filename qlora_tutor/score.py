@@ -3,8 +3,9 @@
 Both read the prompt itself (the instruction, and for questions the story in the input), never hidden labels:
 the requested elements are parsed with the Story World vocabulary and looked for in the answer.
 
-* stories: fraction of the six requested elements present (name, species, object, its colour, place, event),
-  halved if the answer does not end properly (exactly one 'The end.' as its last words, at most 160 words).
+* stories: fraction of the requested elements present (the embedded requests name five: name, species, object,
+  place, event; an object's colour counts too when a request names one), halved if the answer does not end
+  properly (exactly one 'The end.' as its last words, at most 160 words).
 * qa: fraction of the expected answer words present, halved if a wrong alternative of the same kind appears
   (another colour, animal, ...), halved again if the answer rambles (more than 16 words).
 """

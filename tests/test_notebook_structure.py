@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 SOLUTIONS = sorted((ROOT / "notebooks" / "solutions").glob("*.ipynb"))
-EXPECTED = {"01", "02", "03", "04", "05", "06", "07", "08", "10"}
+EXPECTED = {"01", "02", "03", "04", "05", "06", "07", "08", "09", "10"}
 
 
 def _cells(path):
