@@ -12,9 +12,19 @@ import sys
 from dataclasses import fields
 
 from . import __version__
-from .config import SAVE_DTYPES, FinetuneConfig
+from .config import SAVE_DTYPES, FinetuneConfig, Range
 
 _FORMATTER = argparse.RawDescriptionHelpFormatter
+_SEED = Range(0, 2**32 - 1, integer=True)
+_COUNT = Range(0, integer=True)      # how many (0 allowed)
+_POSITIVE = Range(1, integer=True)   # how many (at least one)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in the same one-line form as every other error of the command."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_knobs(p: argparse.ArgumentParser, group_names: tuple[str, ...]) -> None:
@@ -27,10 +37,16 @@ def _add_knobs(p: argparse.ArgumentParser, group_names: tuple[str, ...]) -> None
         g = p if meta["group"] == "model and data" else groups.setdefault(
             meta["group"], p.add_argument_group(meta["group"]))
         flags = meta["flags"] or ("--" + f.name.replace("_", "-"),)
-        if isinstance(f.default, bool):  # a feature that is on by default: its flag turns it off
+        if meta.get("switch"):  # True / False / None (auto): an on flag and an off flag
+            on, off = flags
+            g.add_argument(on, dest=f.name, action="store_true", default=f.default, help=meta["help"])
+            g.add_argument(off, dest=f.name, action="store_false", default=f.default, help=f"turn {on} off")
+        elif isinstance(f.default, bool):  # a feature that is on by default: its flag turns it off
             g.add_argument(*flags, dest=f.name, action="store_false", help=meta["help"])
         else:
             options = {"type": type(f.default), **meta["argparse"]}
+            if meta.get("valid") is not None:  # numbers: parsed and range-checked by the field's own Range
+                options["type"] = meta["valid"].parser(options["type"], flags[0])
             g.add_argument(*flags, dest=f.name, default=f.default, help=meta["help"], **options)
 
 
@@ -53,7 +69,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     _add_run_and_model(p)
     p.add_argument("--data", default=None, help="data set whose test split is used (default: the run's)")
-    p.add_argument("--show", type=int, default=3, help="print this many prompts with their answers (default: 3)")
+    p.add_argument("--show", type=_COUNT.parser(int, "--show"), default=3,
+                   help="print this many prompts with their answers (default: 3)")
     _add_knobs(p, ("evaluation",))
 
 
@@ -98,11 +115,16 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", required=True, help="the instruction (repeat for several)")
     p.add_argument("--input", default="", help="optional input text shown under the instruction")
     p.add_argument("--compare", action="store_true", help="also print the base model's answer (adapter disabled)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=_POSITIVE.parser(int, "--max-new-tokens"), default=128,
+                   help="longest answer in tokens (default: %(default)s)")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from . import generation
+    for i, prompt in enumerate(args.prompt, start=1):
+        if not prompt.strip():
+            raise ValueError(f"--prompt number {i} is empty: give the instruction to answer, e.g. "
+                             "--prompt \"Write a short story about a fox named Pip.\"")
     model, tokenizer, _ = _load_run_or_base(args)
     examples = [{"instruction": p, "input": args.input} for p in args.prompt]
     answers = generation.generate(model, tokenizer, examples, args.max_new_tokens)
@@ -140,12 +162,17 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="embedded", help="base model (default: %(default)s)")
     p.add_argument("--data", default="stories", help="data set (default: %(default)s)")
     p.add_argument("--output", default="runs/compare", help="folder for the tables and plot (default: %(default)s)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per method (default: 0 1 2)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the finetune default)")
-    p.add_argument("--batch-size", type=int, default=None, help="examples per step (default: the finetune default)")
+    p.add_argument("--seeds", type=_SEED.parser(int, "--seeds"), nargs="+", default=[0, 1, 2],
+                   help="seeds per method (default: 0 1 2)")
+    p.add_argument("--steps", type=_POSITIVE.parser(int, "--steps"), default=None,
+                   help="optimizer steps per run (default: the finetune default)")
+    p.add_argument("--batch-size", type=_POSITIVE.parser(int, "--batch-size"), default=None,
+                   help="examples per step (default: the finetune default)")
     p.add_argument("--methods", nargs="+", default=None, help="subset of methods to run (default: all)")
-    p.add_argument("--generate-examples", type=int, default=None, help="prompts scored per run")
-    p.add_argument("--eval-examples", type=int, default=None, help="held-out examples for the loss per run")
+    p.add_argument("--generate-examples", type=_COUNT.parser(int, "--generate-examples"), default=None,
+                   help="prompts scored per run")
+    p.add_argument("--eval-examples", type=_POSITIVE.parser(int, "--eval-examples"), default=None,
+                   help="held-out examples for the loss per run")
     p.add_argument("--no-isolate", dest="isolate", action="store_false", help=(
         "run every training in this process (faster start; peak memory less clean) instead of one process each"))
 
@@ -200,7 +227,7 @@ _COMMANDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qlora-tutor", formatter_class=_FORMATTER,
         description="QLoRA Tutor: 4-bit quantized low-rank fine-tuning, from first principles to the real stack.\n\n"
                     "start here:  qlora-tutor finetune --output runs/demo\n"
@@ -223,9 +250,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"qlora-tutor {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as e:  # bad input, a missing/unwritable/damaged file: one line
+        print(f"qlora-tutor {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from .finetune import TrainingDiverged
+        if not isinstance(e, TrainingDiverged):
+            raise
+        print(f"qlora-tutor {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one line: OSError's text and file (e.g. 'Permission denied: runs/x'), others as they say."""
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        text = f"{e.strerror}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -184,7 +184,10 @@ def run_compare(output: str | Path, seeds: Sequence[int] = (0, 1, 2), methods: S
         method_config(name, 0)  # unknown names fail here, before any training
     if len(seeds) < 2:
         raise ValueError("compare needs at least 2 seeds to measure the seed-to-seed spread (3 or more is better)")
-    finetune.check_config(method_config(methods[0], seeds[0], model=model, data=data, **overrides))
+    for name in methods:  # every method's settings, and every seed, before the first run
+        finetune.check_config(method_config(name, seeds[0], model=model, data=data, **overrides))
+    for seed in seeds:
+        method_config(methods[0], seed, model=model, data=data, **overrides).check()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     done_file = out / "runs.jsonl"

@@ -33,6 +33,8 @@ def resolve_dataset(name: str | Path, data_root: str | os.PathLike | None = None
         return paths.data_dir(data_root) / name
     if Path(name).expanduser().exists():
         return Path(name).expanduser()
+    if paths.looks_like_local_path(name):
+        raise paths.no_such_path(name, "data set")
     return name
 
 
@@ -94,17 +96,30 @@ def _normalize(row: Any, where: str) -> dict[str, Any]:
             )
     if not example["output"].strip():
         raise ValueError(f"{where}: field 'output' is empty; there would be nothing to learn.")
+    if not example["instruction"].strip():
+        raise ValueError(f"{where}: field 'instruction' is empty; the model would learn an answer to nothing. "
+                         "Fill it in or drop the example.")
     example["_where"] = where
     return example
 
 
+def _utf8(raw: bytes, where: str) -> str:
+    """Bytes as UTF-8 text, or an error that names the place and the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}). "
+                         "Save the file as UTF-8.") from None
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}, line {number}"
+            line = _utf8(raw, where)
             if not line.strip():
                 continue
-            where = f"{path}, line {number}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -114,8 +129,16 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}). "
+                         "Save the file as UTF-8.") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}).") from None
     if not isinstance(data, list):
@@ -127,13 +150,38 @@ def _read_with_datasets(source: str | Path, split: str) -> list[dict[str, Any]]:
     """A local folder laid out like a hub data set, or a hub id, through `datasets.load_dataset`."""
     import datasets
 
+    if isinstance(source, Path) and not _data_files(source):
+        held = sorted(p.name for p in source.iterdir())[:5]
+        raise FileNotFoundError(
+            f"data folder {source} holds no data file (looked for {split}.jsonl, or {', '.join(DATA_SUFFIXES)} "
+            f"files); it holds {', '.join(held) if held else 'nothing'}. Give a .jsonl file or a folder with "
+            "train.jsonl and test.jsonl.")
     try:
         ds = datasets.load_dataset(str(source), split=split)
     except ValueError as e:
         if "split" in str(e).lower():
             raise ValueError(f"data set {source!s} has no split {split!r}: {e}") from None
         raise
+    except Exception as e:  # the hub unreachable or the id unknown: say which, in one line
+        if isinstance(source, Path):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"data set {source!r} is not a local file or folder, and the hub could not provide "
+                                f"it ({type(e).__name__}: {first[:200]}). Offline? Give a local .jsonl file or "
+                                "folder, or 'stories'/'qa'.") from None
     return [_normalize(row, f"{source} (split {split}), row {i}") for i, row in enumerate(ds)]
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
+
+
+def _data_files(folder: Path) -> list[Path]:
+    """Files in `folder` (two levels deep, hidden ones skipped) that `datasets` can read as examples."""
+    found = []
+    for pattern in ("*", "*/*"):
+        found += [p for p in folder.glob(pattern) if p.is_file() and p.suffix in DATA_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    return found
 
 
 def load_examples(source: str | Path, split: str = "train") -> list[dict[str, Any]]:

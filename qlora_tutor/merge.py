@@ -8,24 +8,48 @@ rounding is about as large as the whole update: `requantization_error` measures 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import finetune, hardware, models
+from . import finetune, hardware, models, paths
 from .config import FinetuneConfig
 from .paths import atomic_save_dir
 from .quiet import import_bitsandbytes, quiet_libraries
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
+def _same_or_inside(inner: Path, outer: Path) -> bool:
+    """Whether `inner` is `outer` or lies inside it (both resolved, symlinks followed)."""
+    inner, outer = inner.resolve(), outer.resolve()
+    return inner == outer or outer in inner.parents
+
+
+def _check_output(output: Path, overwrite: bool, protected: dict[str, Path] | None = None) -> None:
+    """The merge output must be a folder that is empty, new, or (with overwrite) an earlier merged model, and
+    must not be, or hold, the base model or the run: replacing those would destroy what the merge reads."""
+    paths.check_writable_dir(output, "merge: --output")
+    for what, folder in (protected or {}).items():
+        if _same_or_inside(folder, output):
+            relation = "is" if folder.resolve() == output.resolve() else "holds"
+            raise ValueError(f"merge: --output {output} {relation} {what} ({folder}): writing there would "
+                             "replace what the merge starts from. Choose a new folder, e.g. runs/merged.")
     if output.exists() and any(output.iterdir()):
         if not (output / "config.json").is_file():
             raise ValueError(f"merge: {output} is not empty and holds no model: choose another --output")
         if not overwrite:
             raise ValueError(f"merge: {output} already holds a model: add --overwrite to replace it")
+
+
+def _protected(run: str | Path) -> dict[str, Path]:
+    """The folders a merge of `run` reads: the run (and its adapter) and, when local, the base model."""
+    folder = finetune.find_artifact(run)
+    cfg = finetune.read_run_config(folder / "run_config.json")
+    found = {"the run's adapter": folder, "the run": folder.parent if folder.name in ("adapter", "model") else folder}
+    model_path = Path(models.resolve_model(cfg.model))
+    if model_path.exists():
+        found["the base model"] = model_path
+    return found
 
 
 def merged_model(run: str | Path, base: str = "dequantized") -> tuple[Any, Any, FinetuneConfig]:
@@ -34,9 +58,10 @@ def merged_model(run: str | Path, base: str = "dequantized") -> tuple[Any, Any, 
     if base not in ("dequantized", "original"):
         raise ValueError(f"base must be 'dequantized' or 'original', not {base!r}")
     folder = finetune.find_artifact(run)
-    cfg = FinetuneConfig(**json.loads((folder / "run_config.json").read_text()))
+    cfg = finetune.read_run_config(folder / "run_config.json")
     if cfg.method == "full":
         raise ValueError(f"{folder} is a full fine-tune: it has no adapter to merge and is already a standalone model")
+    finetune.check_artifact(folder, cfg.method)
     model_path = models.resolve_model(cfg.model)
     tokenizer = models.load_tokenizer(model_path)
     if base == "dequantized" and cfg.method == "qlora":
@@ -56,7 +81,7 @@ def merge_adapter(run: str | Path, output: str | Path, base: str = "dequantized"
     dtype = hardware.parse_dtype(save_dtype)
     if dtype == torch.float32:
         raise ValueError("save_dtype must be a 16-bit type: 'bf16' or 'fp16'")
-    _check_output(output, overwrite)
+    _check_output(output, overwrite, _protected(run))
     model, tokenizer, cfg = merged_model(run, base)
     model = model.to(dtype)
 

@@ -7,10 +7,11 @@ weights are read.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -46,13 +47,97 @@ def resolve_model(model: str, data_root: str | os.PathLike | None = None) -> str
         return str(real_model.ensure_model(model))
     path = Path(model).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model folder {path} has no config.json: it is not a transformers model folder")
+        check_model_folder(path)
         return str(path)
+    if paths.looks_like_local_path(model):
+        raise paths.no_such_path(model, "model")
     if looks_like_hub_id(model):
         return model
     raise FileNotFoundError(f"model {model!r} not found: give 'embedded', 'smollm2-135m', an existing folder, a .gguf "
                             "file, or a hub id 'org/name'")
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
+
+
+def check_model_folder(path: str | os.PathLike) -> Path:
+    """A local model folder must hold config.json, weights and a tokenizer, and its safetensors files must be
+    whole: checked from the files' sizes and headers (no weights read), with an error that names the file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise NotADirectoryError(f"model {path} is a file: give the folder that holds config.json and the weights")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {path} has no config.json: it is not a transformers model folder")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise FileNotFoundError(f"model folder {path} holds no weights (looked for {', '.join(WEIGHT_FILES)}): "
+                                "copy the weights next to config.json")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"model folder {path} has no tokenizer (looked for {', '.join(TOKENIZER_FILES)}): "
+                                "save the tokenizer there too (tokenizer.save_pretrained)")
+    index = path / "model.safetensors.index.json"
+    shards = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else []
+    if index.is_file():
+        try:
+            shards += sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is damaged ({e}): re-download or re-save the model") from None
+    for shard in shards:
+        check_safetensors(shard)
+    return path
+
+
+def check_safetensors(path: str | os.PathLike) -> dict[str, Any]:
+    """The header of a .safetensors file, after checking that it parses and that every tensor's bytes lie
+    inside the file and fill it exactly (a truncated or damaged file fails here, before anything loads it)."""
+    path = Path(path)
+    hint = "re-save or re-download it"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {hint}")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > size - 8:
+            raise ValueError(f"{path} is damaged or truncated ({size} bytes; its header cannot be read): {hint}")
+        try:
+            header = json.loads(f.read(n))
+            tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+            ends = [(k, v["data_offsets"][0], v["data_offsets"][1], v["dtype"], v["shape"]) for k, v in tensors.items()]
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError, UnicodeDecodeError):
+            raise ValueError(f"{path} is damaged: its header is not valid safetensors JSON: {hint}") from None
+    itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+    data = size - 8 - n
+    for name, start, end, dtype, shape in ends:
+        count = 1
+        for d in shape:
+            count *= int(d)
+        if not 0 <= start <= end <= data or (dtype in itemsize and end - start != count * itemsize[dtype]):
+            raise ValueError(f"{path} is damaged or truncated: tensor {name!r} does not fit the file "
+                             f"({data} data bytes): {hint}")
+    if ends and max(e for _, _, e, _, _ in ends) != data:
+        raise ValueError(f"{path} is damaged or truncated: its tensors cover "
+                         f"{max(e for _, _, e, _, _ in ends)} of {data} data bytes: {hint}")
+    return header
+
+
+def check_finite_weights(model: Any, where: str) -> None:
+    """Every floating-point weight and buffer (and each 4-bit weight's scale constants) finite; else an error
+    naming the first bad tensor: a damaged weights file shows here, not as a NaN loss 250 steps later."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        parts = [(name, t)]
+        state = getattr(t, "quant_state", None)
+        while state is not None:  # 4-bit: the absmax scales (and, with double quantization, theirs)
+            parts += [(f"{name} (4-bit scales)", getattr(state, "absmax", None)),
+                      (f"{name} (4-bit offset)", getattr(state, "offset", None))]
+            state = getattr(state, "state2", None)
+        for label, x in parts:
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and x.device.type != "meta":
+                bad = int((~torch.isfinite(x)).sum())
+                if bad:
+                    raise ValueError(f"{where}: {bad} of {x.numel()} values of {label} are not finite (NaN or "
+                                     "inf): the weights file is damaged. Re-download or rebuild the model.")
 
 
 def load_model_config(model_path: str) -> Any:
@@ -64,20 +149,43 @@ def load_model_config(model_path: str) -> Any:
         raise ValueError(f"could not load model {model_path!r}: {e}. Offline? Use a local folder or 'embedded'.") from None
 
 
-def check_targets(model_config: Any, target_modules: str | list[str]) -> list[str]:
+def check_targets(model_config: Any, target_modules: str | list[str], r: int | None = None,
+                  warn: Callable[[str], None] | None = None) -> list[str]:
     """The linear layers `target_modules` selects in this model (built on the meta device: no memory, no weights),
-    by the same rule PEFT applies; a clear error when an entry selects nothing."""
+    by the same rule PEFT applies; a clear error when an entry selects nothing. A LoRA rank `r` larger than a
+    selected layer (B·A can have rank at most min(in, out), so the extra rank only costs memory; PEFT accepts
+    it, as does the from-scratch add_adapters with a warning) is said through `warn` (an error without it)."""
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config)
-    return targets.find_linear_targets(skeleton, target_modules)
+    names = targets.find_linear_targets(skeleton, target_modules)
+    if r is not None and names:
+        modules = dict(skeleton.named_modules())
+        smallest = min(names, key=lambda n: min(modules[n].in_features, modules[n].out_features))
+        layer = modules[smallest]
+        limit = min(layer.in_features, layer.out_features)
+        if r > limit:
+            message = (f"r (--r) {r} is larger than the layer {smallest} ({layer.out_features} x "
+                       f"{layer.in_features}): its update B·A can have rank at most {limit}, so the extra rank "
+                       f"only costs memory. Use --r {limit} or less (8-64 is usual).")
+            if warn is None:
+                raise ValueError(message)
+            warn(f"warning: {message}")
+    return names
 
 
 def load_tokenizer(model_path: str) -> Any:
+    """The model's tokenizer (with a pad token); a clear error naming the folder when it cannot be read."""
     from transformers import AutoTokenizer
 
     from .data import ensure_pad_token
-    return ensure_pad_token(AutoTokenizer.from_pretrained(model_path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"could not load the tokenizer of {model_path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
+                         "Save a tokenizer into the model folder (tokenizer.save_pretrained), or if the model is "
+                         "on the hub check the id and the network.") from None
+    return ensure_pad_token(tokenizer)
 
 
 def bnb_config(quant_type: str = "nf4", double_quant: bool = True, compute_dtype: torch.dtype = torch.float32,

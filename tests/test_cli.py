@@ -62,13 +62,13 @@ def test_unknown_model_and_data_paths(capsys, tmp_path):
     root = tiny_setup()
     err = _finetune_error(capsys, "--model", str(tmp_path / "no-such-model"), "--data", str(root / "data"),
                           "--output", str(tmp_path / "o"))
-    assert "not found" in err and "no-such-model" in err
+    assert "no such file or folder" in err and "no-such-model" in err
     (tmp_path / "empty-dir").mkdir()
     err = _finetune_error(capsys, "--model", str(tmp_path / "empty-dir"), "--output", str(tmp_path / "o"))
     assert "no config.json" in err
     err = _finetune_error(capsys, "--model", str(root / "model"), "--data", "./no/such/data.jsonl",
-                          "--output", str(tmp_path / "o"))
-    assert "not found" in err and "data.jsonl" in err
+                          "--output", str(tmp_path / "o"), "--max-length", "64")
+    assert "no such file or folder" in err and "data.jsonl" in err
     assert not (tmp_path / "o").exists()
 
 
@@ -76,7 +76,7 @@ def test_data_set_without_the_needed_fields(capsys, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"instruction": "hi", "output": "there"}) + "\n" + json.dumps({"prompt": "x"}) + "\n")
     err = _finetune_error(capsys, "--model", str(tiny_setup() / "model"), "--data", str(bad),
-                          "--output", str(tmp_path / "o"))
+                          "--output", str(tmp_path / "o"), "--max-length", "64")
     assert "line 2" in err and "'instruction'" in err
 
 
@@ -106,8 +106,8 @@ def test_bf16_on_a_gpu_without_it_is_refused_up_front():
 
 def test_bad_knob_values_are_refused(capsys, tmp_path):
     base = ["--model", str(tiny_setup() / "model"), "--data", str(tiny_setup() / "data"), "--output", str(tmp_path)]
-    assert "lora_dropout" in _finetune_error(capsys, *base, "--lora-dropout", "1.5")
-    assert "r must be at least 1" in _finetune_error(capsys, *base, "--r", "0")
+    assert "--lora-dropout: must be a number in [0, 1)" in _finetune_error(capsys, *base, "--lora-dropout", "1.5")
+    assert "--r/--lora-r: must be an integer >= 1" in _finetune_error(capsys, *base, "--r", "0")
 
 
 def test_evaluate_and_generate_run_on_a_trained_adapter(capsys):
@@ -121,4 +121,6 @@ def test_evaluate_and_generate_run_on_a_trained_adapter(capsys):
     assert code == 0, err
     assert "[base model]" in text and "[fine-tuned]" in text
     code, _, err = _run(capsys, "evaluate", str(tiny_setup() / "nowhere"))
+    assert code == 2 and "no such file or folder" in err
+    code, _, err = _run(capsys, "evaluate", str(tiny_setup() / "data"))
     assert code == 2 and "no trained adapter found" in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import warnings
 
 import pytest
@@ -204,12 +205,61 @@ def test_load_local_hub_layout_folder(tmp_path):
     ({"instruction": "x", "input": 3, "output": "y"}, TypeError, r"line 2: field 'input' must be a string"),
     ({"text": "no roles here"}, ValueError, r"line 2: field 'text' is not in the Guanaco format"),
     ('{"instruction": "x", "output": ', ValueError, r"line 2: not valid JSON"),
+    ({"instruction": "", "input": "", "output": "y"}, ValueError, r"line 2: field 'instruction' is empty"),
+    ({"instruction": " \n\t", "input": "ctx", "output": "y"}, ValueError, r"line 2: field 'instruction' is empty"),
+    ({"text": "### Human:   ### Assistant: an answer"}, ValueError, r"line 2: field 'instruction' is empty"),
+    ({"instruction": "x", "input": "", "output": "  "}, ValueError, r"line 2: field 'output' is empty"),
 ])
 def test_errors_name_file_line_field(tmp_path, row, error, pattern):
     path = _write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "ok", "input": "", "output": "ok"}, row])
     with pytest.raises(error, match=pattern) as info:
         data.load_examples(path)
     assert "bad.jsonl" in str(info.value)
+
+
+@pytest.mark.parametrize("bad, at", [(b"\xff", 0), (b"\xc3(", 0), (b"caf\xe9", 3), (b"\xed\xa0\x80", 0)])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])  # a stray byte, a cut sequence, Latin-1, a surrogate
+def test_bytes_that_are_not_utf8_are_named_by_file_line_and_column(tmp_path, bad, at, suffix):
+    good = json.dumps({"instruction": "ok", "input": "", "output": "ok"}).encode()
+    broken = b'{"instruction": "x' + bad + b'", "input": "", "output": "y"}'
+    path = tmp_path / f"bad{suffix}"
+    path.write_bytes(good + b"\n" + broken + b"\n" if suffix == ".jsonl" else b"[" + good + b",\n " + broken + b"]")
+    column = len(b'{"instruction": "x') + at + 1 + (1 if suffix == ".json" else 0)
+    with pytest.raises(ValueError, match=rf"bad{suffix}, line 2: not UTF-8 text \(byte 0x{bad[at]:02x} at column "
+                                         rf"{column}\)\. Save the file as UTF-8"):
+        data.load_examples(path)
+
+
+@pytest.mark.parametrize("files", [["notes.txt"], [], ["README.md", "sub/readme.txt"], [".hidden.jsonl"]])
+def test_a_folder_without_a_data_file_says_so(tmp_path, files):
+    folder = tmp_path / "mydata"
+    folder.mkdir()
+    for name in files:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("### Human: hi ### Assistant: there\n")
+    with pytest.raises(FileNotFoundError, match=r"mydata holds no data file \(looked for train\.jsonl"):
+        data.load_examples(folder)
+
+
+@pytest.mark.parametrize("name", ["runs/x", "nodir/x.jsonl", "./nothing", "a/b/c.json"])
+def test_a_missing_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(FileNotFoundError, match=rf"data set {re.escape(name)}: no such file or folder \(looked up "
+                                                rf"from {re.escape(str(tmp_path))}\)"):
+        data.load_examples(name)
+
+
+def test_a_hub_id_that_cannot_be_fetched_is_one_clear_error(monkeypatch):
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'someone/some-data' on the Hub (LocalEntryNotFoundError)\nmore")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(FileNotFoundError, match=r"'someone/some-data' is not a local file or folder, and the hub "
+                                                r"could not provide it \(ConnectionError: Couldn't reach"):
+        data.load_examples("someone/some-data")
 
 
 def test_empty_and_missing(tmp_path):
