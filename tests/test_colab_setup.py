@@ -25,7 +25,7 @@ def _setup_cell(path: Path) -> str:
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_every_setup_cell_is_the_one_written_from_pyproject(path):
-    want = colab_setup.setup_cell_source(colab_setup.repository_url())
+    want = colab_setup.setup_cell_source(colab_setup.repository_url(), colab_setup.extra_installs(path))
     assert _setup_cell(path) == want, f"run `python scripts/colab_setup.py {path.relative_to(ROOT)}`"
 
 
