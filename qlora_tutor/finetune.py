@@ -72,7 +72,8 @@ def check_config(cfg: FinetuneConfig, info: hardware.DeviceInfo | None = None,
 
 def check_optim(name: str) -> None:
     """'auto' or an optimizer name the transformers Trainer knows (its OptimizerNames)."""
-    from transformers.training_args import OptimizerNames
+    with quiet_libraries():   # the first import of transformers' Trainer side imports PEFT, then bitsandbytes
+        from transformers.training_args import OptimizerNames
     known = [o.value for o in OptimizerNames]
     if name != "auto" and name not in known:
         usual = [o for o in ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "sgd") if o in known]
