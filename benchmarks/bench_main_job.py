@@ -21,19 +21,8 @@ import torch
 
 from qlora_tutor import data, finetune, generation, models
 from qlora_tutor.config import FinetuneConfig
-from qlora_tutor.hardware import versions
+from qlora_tutor.hardware import cpu_name, versions
 from qlora_tutor.paths import atomic_write_text
-
-
-def _cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else the platform's processor string."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _train_seconds(model, opt, batches, threads: int) -> float:
@@ -97,7 +86,7 @@ def main() -> None:
     med = {v: statistics.median(s) for v, s in times.items()}
     ref_train, ref_gen = med[("train", 1, True)], med[("generate", 1, None)]
     lines = ["# The main job's costly phases on a CPU: threads and gradient checkpointing", "",
-             f"- machine: {_cpu_name()} ({platform.machine()}), {os.cpu_count()} cores; "
+             f"- machine: {cpu_name()} ({platform.machine()}), {os.cpu_count()} cores; "
              + ", ".join(f"{k} {v}" for k, v in versions().items()),
              f"- load average (1 min) during the run: {min(loads):.1f} to {max(loads):.1f}",
              f"- command: python benchmarks/bench_main_job.py --rounds {args.rounds} --steps {args.steps} "

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from qlora_tutor import native
+from qlora_tutor import hardware, native
 from qlora_tutor.quant import quantize
 
 
@@ -81,15 +81,10 @@ def main() -> None:
 
     torch.manual_seed(0)
     n = args.size * args.size
-    cpu = platform.processor() or platform.machine()
     if args.device == "cuda":
         where = torch.cuda.get_device_name(0)
     else:
-        try:
-            where = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-        except (OSError, StopIteration):
-            where = cpu
-        where += f", {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+        where = f"{hardware.cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     print(f"device: {args.device} ({where})")
     print(f"torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}, python {platform.python_version()}")
     if args.device == "cpu":

@@ -10,11 +10,11 @@ its C++ kernel gives another block's scale (quirk 3).
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
 import torch
 
+from qlora_tutor import hardware
 from qlora_tutor.quant import quantize
 
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -25,8 +25,7 @@ def main() -> None:
     import bitsandbytes.functional as F
 
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")),
-                platform.processor())
+    name = hardware.cpu_name()
     print(f"CPU: {name}; AVX512-FP16: {'avx512_fp16' in flags}; torch {torch.__version__}, "
           f"bitsandbytes {bitsandbytes.__version__}\n")
     print("| type | double quant | dtype | shape, block | values | differ as numbers | differ in the sign of zero "

@@ -8,7 +8,6 @@ double quantization, float32 and bfloat16. tests/test_real_model.py runs a repre
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,14 +23,6 @@ from qlora_tutor.paths import atomic_write_text  # noqa: E402
 from qlora_tutor.quant import quantize  # noqa: E402
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def check_one(w: torch.Tensor, quant_type: str, dq: bool) -> None:
@@ -93,7 +84,7 @@ def main() -> None:
         "Dequantized values are compared bit for bit, with the two CPU-dependent exceptions of bitsandbytes' own C++ "
         "kernel described in `tests/bnb_reference.py` (FP4 zeros compared as numbers; float16 ties, not used here).",
         "",
-        f"Machine: {cpu_name()}, {torch.get_num_threads()} threads; {seconds:.0f} s. Versions: python {v['python']}, "
+        f"Machine: {hardware.cpu_name()}, {torch.get_num_threads()} threads; {seconds:.0f} s. Versions: python {v['python']}, "
         f"torch {v['torch']}, bitsandbytes {bitsandbytes.__version__}, transformers {v['transformers']}.",
         "Command: `.venv/bin/python scripts/check_real_weights.py`",
     ]

@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT))
 
-from check_real_weights import cpu_name  # noqa: E402
 from qlora_tutor import data, finetune, generation, hardware, merge, perplexity, real_model  # noqa: E402
 from qlora_tutor.paths import atomic_write_text  # noqa: E402
 from qlora_tutor.quant import quantize  # noqa: E402
@@ -89,7 +88,7 @@ def main() -> None:
         "not aimed against the update, which is what the kept share of the loss gain suggests. bf16 keeps the "
         "update up to its rounding.",
         "",
-        f"Machine: {cpu_name()}. Versions: python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, "
+        f"Machine: {hardware.cpu_name()}. Versions: python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, "
         f"peft {v['peft']}, bitsandbytes {v['bitsandbytes']}.",
         f"Command: `.venv/bin/python scripts/merge_real_model.py --run {args.run}`",
     ]

@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT))
 
-from check_real_weights import cpu_name  # noqa: E402
 from qlora_tutor import hardware, perplexity, real_model  # noqa: E402
 from qlora_tutor.paths import atomic_write_text  # noqa: E402
 
@@ -47,7 +46,7 @@ def main() -> None:
     rows = perplexity.table2(model, windows)
     rows[0]["bits_per_param"] = 5.0  # Q4_1: 4-bit codes + an fp16 scale and an fp16 minimum per 32 weights
     v = hardware.versions()
-    machine = (torch.cuda.get_device_name() if device == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads")
+    machine = (torch.cuda.get_device_name() if device == "cuda" else f"{hardware.cpu_name()}, {torch.get_num_threads()} threads")
     record = {"rows": rows, "text": {"source": text.source, "licence": text.licence, "sha256": text.sha256,
                                      "tokens": int(windows.numel()), "window": args.window,
                                      "windows": int(windows.shape[0])},
