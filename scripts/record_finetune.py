@@ -15,19 +15,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
-from check_real_weights import cpu_name  # noqa: E402
+from qlora_tutor import finetune, hardware  # noqa: E402
 from qlora_tutor.paths import atomic_write_text  # noqa: E402
-
-PHASES = [("check", "checks"), ("load", "load"), ("eval_before", "evaluation before"), ("train", "training"),
-          ("eval_after", "evaluation after"), ("save", "save")]
-
 
 def report(m: dict, command: str, machine: str, examples: int = 2) -> str:
     cfg, v = m["config"], m["versions"]
-    phases = ", ".join(f"{label} {m['phase_seconds'][key]:.0f} s" for key, label in PHASES if key in m["phase_seconds"])
+    phases = ", ".join(f"{label} {m['phase_seconds'][key]:.0f} s" for key, label in finetune.PHASES if key in m["phase_seconds"])
     lines = [
         f"# QLoRA fine-tune of {cfg['model']} on the {cfg['data']} skill",
         "",
@@ -73,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if not metrics_file.is_file():
         raise SystemExit(f"{metrics_file}: no metrics (is {args.run} a finished `qlora-tutor finetune` run?)")
     m = json.loads(metrics_file.read_text())
-    machine = cpu_name()
+    machine = hardware.cpu_name()
     keep = {k: m[k] for k in m if k not in ("model_path", "adapter", "loss_curve")}
     atomic_write_text(args.out.with_suffix(".json"),
                       json.dumps({"machine": machine, "command": args.command, **keep}, indent=2) + "\n")
