@@ -21,38 +21,28 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
-from check_real_weights import cpu_name  # noqa: E402
 from qlora_tutor import data, finetune, hardware  # noqa: E402
 from qlora_tutor.config import FinetuneConfig  # noqa: E402
 from qlora_tutor.paths import atomic_write_text  # noqa: E402
 from qlora_tutor.quiet import hide_library_notices  # noqa: E402
 
 
-def trl_batch(examples: list[dict], tokenizer, max_length: int) -> tuple[dict, object]:
-    """TRL's SFTTrainer's own tokenization and collation of `examples` (its dataset map, its collator)."""
+def trl_batch(model, cfg: FinetuneConfig, examples: list[dict], tokenizer) -> tuple[dict, object]:
+    """TRL's SFTTrainer's own tokenization and collation of `examples` (its dataset map, its collator), and the
+    trainer (its model: `model` with a fresh LoRA adapter of `cfg`'s settings, attached by TRL through PEFT)."""
     from datasets import Dataset
-    from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
     rows = [{"prompt": [{"role": "user", "content": data.user_message(ex["instruction"], ex.get("input", ""))}],
              "completion": [{"role": "assistant", "content": ex["output"]}]} for ex in examples]
     with tempfile.TemporaryDirectory() as tmp:
-        args = SFTConfig(output_dir=tmp, max_length=max_length, per_device_train_batch_size=len(rows),
+        args = SFTConfig(output_dir=tmp, max_length=cfg.max_length, per_device_train_batch_size=len(rows),
                          report_to=[], completion_only_loss=True, use_cpu=True, dataset_num_proc=None)
-        lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
-        trainer = SFTTrainer(model=_model_for_trl(), args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=tokenizer, peft_config=lora)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=tokenizer, peft_config=finetune.lora_config(cfg))
         features = [trainer.train_dataset[i] for i in range(len(rows))]
         return trainer.data_collator(features), trainer
-
-
-_MODEL = {}
-
-
-def _model_for_trl():
-    return _MODEL["model"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,11 +57,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = FinetuneConfig(model="smollm2-135m", data="stories", max_length=args.max_length)
     model, tokenizer = finetune.load_untrained(cfg)
-    _MODEL["model"] = model
     examples = data.load_examples("stories", "train")[: args.examples]
 
     ours = data.DataCollator(tokenizer)([data.tokenize_example(ex, tokenizer, args.max_length) for ex in examples])
-    theirs, trainer = trl_batch(examples, tokenizer, args.max_length)
+    theirs, trainer = trl_batch(model, cfg, examples, tokenizer)
     t_ids, t_mask = theirs["input_ids"], theirs["attention_mask"]
     t_labels = theirs["labels"]
 
@@ -126,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Ours against TRL's trimmed batch: difference {abs(loss_ours - loss_trimmed):.2e}; TRL's extra newline moves "
         f"the mean by {loss_trl - loss_ours:+.4f}.",
         "",
-        f"Machine: {cpu_name()}. Versions: python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, "
+        f"Machine: {hardware.cpu_name()}. Versions: python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, "
         f"peft {v['peft']}, bitsandbytes {v['bitsandbytes']}, trl {trl.__version__}.",
         "Command: `.venv/bin/python scripts/compare_trl.py`",
     ]
