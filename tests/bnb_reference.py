@@ -34,6 +34,21 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
 
 
+def assert_same_bits_as_peft(ours, ref, peft_layer, x: torch.Tensor) -> torch.Tensor:
+    """`ours(x)` and `ref(x)` give the same bits, and so do the gradients of x, lora_A and lora_B after one
+    backward (`peft_layer` is the PEFT LoRA layer inside `ref`; its adapter is 'default'). Returns ours(x)."""
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = ours(x1), ref(x2)
+    assert same_bits(y1, y2), f"{(y1 != y2).float().mean():.1%} of the outputs differ"
+    g = torch.randn_like(y1)
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    assert same_bits(x1.grad, x2.grad)
+    assert same_bits(ours.lora_A.grad, peft_layer.lora_A["default"].weight.grad)
+    assert same_bits(ours.lora_B.grad, peft_layer.lora_B["default"].weight.grad)
+    return y1
+
+
 def _cpu_flags() -> str:
     try:
         return Path("/proc/cpuinfo").read_text()

@@ -160,7 +160,7 @@ def test_compute_dtype_bf16_on_cpu_matches_bitsandbytes():
 def test_16bit_compute_matches_bitsandbytes_plus_peft_bit_for_bit(dtype, input_dtype):
     """PEFT's 4-bit LoRA layer rounds the fp32 adapter output to the base output's dtype, then adds: so do we
     (unlike PEFT's plain Linear, which LoRALinear follows: see test_lora)."""
-    from bnb_reference import same_bits
+    from bnb_reference import assert_same_bits_as_peft
     torch.manual_seed(8)
     lin = nn.Linear(128, 64)
     ours = QLoRALinear.from_linear(copy.deepcopy(lin), 8, 16, compute_dtype=dtype)
@@ -171,15 +171,7 @@ def test_16bit_compute_matches_bitsandbytes_plus_peft_bit_for_bit(dtype, input_d
         layer.lora_B["default"].weight.copy_(ours.lora_B)
     assert layer.lora_A["default"].weight.dtype == ours.lora_A.dtype == torch.float32
     x = torch.randn(5, 9, 128).to(dtype if input_dtype == "compute" else torch.float32)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y1, y2 = ours(x1), ref(x2)
-    assert same_bits(y1, y2), f"{(y1 != y2).float().mean():.1%} of the outputs differ"
-    g = torch.randn_like(y1)
-    (y1 * g).sum().backward()
-    (y2 * g).sum().backward()
-    assert same_bits(x1.grad, x2.grad)
-    assert same_bits(ours.lora_A.grad, layer.lora_A["default"].weight.grad)
-    assert same_bits(ours.lora_B.grad, layer.lora_B["default"].weight.grad)
+    assert_same_bits_as_peft(ours, ref, layer, x)
 
 
 def test_quantized_linear_checks_what_it_is_given():
