@@ -269,7 +269,7 @@ def find_artifact(path: str | Path) -> Path:
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def checkpoint_problem(folder: Path, method: str) -> str | None:
+def checkpoint_problem(folder: Path) -> str | None:
     """Why a checkpoint folder cannot be resumed from (None when it is complete). The Trainer writes the
     weights, optimizer, scheduler and random state first and trainer_state.json last, so a save cut short
     lacks trainer_state.json or holds a truncated file; each file is checked from its size and header."""
@@ -300,7 +300,7 @@ def checkpoint_problem(folder: Path, method: str) -> str | None:
     return None
 
 
-def newest_complete_checkpoint(out: Path, method: str) -> tuple[Path | None, list[str]]:
+def newest_complete_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
     """The complete checkpoint with the highest step in `out`/checkpoints, and one line for each folder
     skipped on the way (newer but incomplete, or not named checkpoint-<step>)."""
     notes: list[str] = []
@@ -315,7 +315,7 @@ def newest_complete_checkpoint(out: Path, method: str) -> tuple[Path | None, lis
         else:
             notes.append(f"skipped {p}: not a checkpoint name (the Trainer writes checkpoint-<step>)")
     for _, p in sorted(found, reverse=True):
-        problem = checkpoint_problem(p, method)
+        problem = checkpoint_problem(p)
         if problem is None:
             return p, notes
         notes.append(f"skipped {p}: {problem}")
@@ -325,7 +325,7 @@ def newest_complete_checkpoint(out: Path, method: str) -> tuple[Path | None, lis
 def _has_progress(out: Path, method: str) -> bool:
     """Whether the run in `out` got far enough to be worth keeping: a complete checkpoint or a saved result."""
     kind = "model" if method == "full" else "adapter"
-    return (out / kind).is_dir() or newest_complete_checkpoint(out, method)[0] is not None
+    return (out / kind).is_dir() or newest_complete_checkpoint(out)[0] is not None
 
 
 @dataclass
@@ -390,7 +390,7 @@ def prepare_output(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = 
             listing = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"--resume: the run in {out} was made with a different configuration ({listing}). "
                              "Use the same settings, or --overwrite / another --output to start a new run.")
-        checkpoint, plan.notes = newest_complete_checkpoint(out, cfg.method)
+        checkpoint, plan.notes = newest_complete_checkpoint(out)
         if checkpoint is None:
             skipped = f" ({'; '.join(plan.notes)})" if plan.notes else ""
             raise FileNotFoundError(f"--resume: {out} has no complete checkpoint{skipped}; they are saved every "
