@@ -322,10 +322,14 @@ def newest_complete_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
     return None, notes
 
 
+def artifact_name(method: str) -> str:
+    """The folder inside a run that holds its result: `model` for full fine-tuning, `adapter` otherwise."""
+    return "model" if method == "full" else "adapter"
+
+
 def _has_progress(out: Path, method: str) -> bool:
     """Whether the run in `out` got far enough to be worth keeping: a complete checkpoint or a saved result."""
-    kind = "model" if method == "full" else "adapter"
-    return (out / kind).is_dir() or newest_complete_checkpoint(out)[0] is not None
+    return (out / artifact_name(method)).is_dir() or newest_complete_checkpoint(out)[0] is not None
 
 
 @dataclass
@@ -730,7 +734,7 @@ def _evaluate_before(run: _Run, model: Any, tokenizer: Any) -> dict[str, Any] | 
 def _save_phase(run: _Run, model: Any, tokenizer: Any, metrics: dict[str, Any]) -> None:
     """Phase 6: the adapter (or full model) atomically, the loss curve, and where they went."""
     cfg = run.cfg
-    kind = "model" if cfg.method == "full" else "adapter"
+    kind = artifact_name(cfg.method)
     check_finite_adapter(model)
 
     def write(tmp: Path) -> None:
@@ -781,7 +785,7 @@ def run(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = False, save
         metrics["phase_seconds"] = dict(r.seconds)
         if save:
             atomic_write_text(r.out / "metrics.json", json.dumps(metrics, indent=2))
-            kind = "model" if cfg.method == "full" else "adapter"
+            kind = artifact_name(cfg.method)
             log(f"{kind} saved to {metrics[kind]}  (metrics: {r.out / 'metrics.json'}, loss curve: {metrics['loss_curve']})")
         log(_phase_line(r.seconds, metrics["total_seconds"]))
     return metrics
