@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from . import data, distributed, generation, hardware, models, paths, plots
-from .config import METHODS, FinetuneConfig, check_values
+from .config import FinetuneConfig, check_values
 from .counting import count_parameters, weight_bytes
 from .measure import PeakMemory
 from .paths import atomic_save_dir, atomic_write_text
@@ -50,9 +50,7 @@ def check_config(cfg: FinetuneConfig, info: hardware.DeviceInfo | None = None,
                  data_root: str | os.PathLike | None = None, warn: Log = _stderr) -> tuple[str, torch.dtype]:
     """Validate everything cheap to validate; returns (model path, compute dtype). Raises ValueError/TypeError/
     FileNotFoundError naming the option or file and the fix; `warn` hears about settings that work but badly."""
-    check_values(cfg)  # every option against its declared range and choices (config.py)
-    if cfg.method not in METHODS:
-        raise ValueError(f"method {cfg.method!r} unknown: use one of {METHODS}")
+    check_values(cfg)  # every option against its declared range and choices (config.py), the method included
     info = info or hardware.detect()
     dtype = hardware.compute_dtype(cfg.dtype, info)
     if info.device == "cpu" and dtype == torch.float16:
