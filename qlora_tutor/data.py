@@ -103,12 +103,15 @@ def _normalize(row: Any, where: str) -> dict[str, Any]:
     return example
 
 
-def _utf8(raw: bytes, where: str) -> str:
-    """Bytes as UTF-8 text, or an error that names the place and the first bad byte."""
+def _utf8(raw: bytes, path: Path, first_line: int = 1) -> str:
+    """Bytes of `path` (starting at line `first_line`) as UTF-8 text, or an error that names the file, the line,
+    the column and the first bad byte."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}). "
+        line = first_line + raw[:e.start].count(b"\n")
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}). "
                          "Save the file as UTF-8.") from None
 
 
@@ -117,7 +120,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             where = f"{path}, line {number}"
-            line = _utf8(raw, where)
+            line = _utf8(raw, path, number)
             if not line.strip():
                 continue
             try:
@@ -129,16 +132,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
-    raw = path.read_bytes()
+    text = _utf8(path.read_bytes(), path)
     try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise ValueError(f"{path}, line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}). "
-                         "Save the file as UTF-8.") from None
-    try:
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}).") from None
     if not isinstance(data, list):
