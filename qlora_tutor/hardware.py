@@ -118,6 +118,16 @@ def versions() -> dict[str, str]:
     return out
 
 
+STACK = ("python", "torch", "transformers", "peft", "bitsandbytes")
+
+
+def versions_text(names: tuple[str, ...] = STACK, found: dict[str, str] | None = None) -> str:
+    """'python 3.11.7, torch 2.13.0+cpu, ...' for a recorded result: `names` in order, from `found` (a saved
+    `versions()`; names it lacks are left out) or from this process."""
+    found = versions() if found is None else found
+    return ", ".join(f"{name} {found[name]}" for name in names if name in found)
+
+
 def show_environment() -> DeviceInfo:
     """Print library versions and the device found; the first code cell of every notebook calls this."""
     for pkg, ver in versions().items():

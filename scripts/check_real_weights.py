@@ -44,7 +44,6 @@ def main() -> None:
     parser.add_argument("--output", default=str(ROOT / "results" / "real_model" / "bitexact.md"))
     args = parser.parse_args()
     from safetensors import safe_open
-    import bitsandbytes
 
     folder = real_model.ensure_model()
     t0 = time.time()
@@ -84,8 +83,8 @@ def main() -> None:
         "Dequantized values are compared bit for bit, with the two CPU-dependent exceptions of bitsandbytes' own C++ "
         "kernel described in `tests/bnb_reference.py` (FP4 zeros compared as numbers; float16 ties, not used here).",
         "",
-        f"Machine: {hardware.cpu_name()}, {torch.get_num_threads()} threads; {seconds:.0f} s. Versions: python {v['python']}, "
-        f"torch {v['torch']}, bitsandbytes {bitsandbytes.__version__}, transformers {v['transformers']}.",
+        f"Machine: {hardware.cpu_name()}, {torch.get_num_threads()} threads; {seconds:.0f} s. Versions: "
+        f"{hardware.versions_text(('python', 'torch', 'bitsandbytes', 'transformers'), v)}.",
         "Command: `.venv/bin/python scripts/check_real_weights.py`",
     ]
     atomic_write_text(args.output, "\n".join(lines) + "\n")

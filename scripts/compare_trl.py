@@ -87,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
             trimmed[i, pos[n_ours:]] = -100
         loss_trimmed = model(input_ids=t_ids, attention_mask=t_mask, labels=trimmed).loss.item()
 
-    v = hardware.versions()
     extra = sorted(set(extra_tokens))
     lines = [
         "# Our data pipeline against TRL's SFTTrainer, first step",
@@ -115,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Ours against TRL's trimmed batch: difference {abs(loss_ours - loss_trimmed):.2e}; TRL's extra newline moves "
         f"the mean by {loss_trl - loss_ours:+.4f}.",
         "",
-        f"Machine: {hardware.cpu_name()}. Versions: python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, "
-        f"peft {v['peft']}, bitsandbytes {v['bitsandbytes']}, trl {trl.__version__}.",
+        f"Machine: {hardware.cpu_name()}. Versions: {hardware.versions_text()}, trl {trl.__version__}.",
         "Command: `.venv/bin/python scripts/compare_trl.py`",
     ]
     text = "\n".join(lines) + "\n"

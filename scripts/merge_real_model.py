@@ -62,7 +62,6 @@ def main() -> None:
                                          cfg.max_length, 8) for k, m in variants.items()}
     errors = merge.requantization_error(adapter_model, round_trips={"q4_1": real_model.q4_1_round_trip})
     survival = {"NF4 + DQ (bitsandbytes)": errors["requant_4bit"], "Q4_1": errors["q4_1"], "bf16": errors["round_16bit"]}
-    v = hardware.versions()
     gain = loss_base - losses["base + adapter (4-bit base, as trained)"]
     lines = [
         "# Merging a QLoRA adapter into SmolLM2-135M-Instruct",
@@ -88,8 +87,7 @@ def main() -> None:
         "not aimed against the update, which is what the kept share of the loss gain suggests. bf16 keeps the "
         "update up to its rounding.",
         "",
-        f"Machine: {hardware.cpu_name()}. Versions: python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, "
-        f"peft {v['peft']}, bitsandbytes {v['bitsandbytes']}.",
+        f"Machine: {hardware.cpu_name()}. Versions: {hardware.versions_text()}.",
         f"Command: `.venv/bin/python scripts/merge_real_model.py --run {args.run}`",
     ]
     atomic_write_text(args.output, "\n".join(lines) + "\n")

@@ -27,7 +27,7 @@ def report(m: dict, command: str, machine: str, examples: int = 2) -> str:
         f"# QLoRA fine-tune of {cfg['model']} on the {cfg['data']} skill",
         "",
         f"Machine: {machine}, {m['cpu_threads']} CPU threads, {m['device']}. Versions: "
-        + ", ".join(f"{k} {v[k]}" for k in ("python", "torch", "transformers", "peft", "bitsandbytes") if k in v) + ".",
+        f"{hardware.versions_text(found=v)}.",
         "",
         f"Command: `{command}`",
         "",

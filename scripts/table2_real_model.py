@@ -93,8 +93,7 @@ def render(out: Path) -> None:
         "re-quantizes weights that sit on another 4-bit grid; the text is technical prose that the model may have "
         "seen in pretraining (the paper's Pile CC is web text).",
         "",
-        f"Machine: {record['machine']}. Versions: python {v['python']}, torch {v['torch']}, "
-        f"transformers {v['transformers']}.",
+        f"Machine: {record['machine']}. Versions: {hardware.versions_text(('python', 'torch', 'transformers'), v)}.",
         f"Command: `.venv/bin/python scripts/table2_real_model.py{' --device ' + device if device != 'cpu' else ''}`",
     ]
     atomic_write_text(out / "table2.md", "\n".join(lines) + "\n")
