@@ -52,8 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(ROOT / "results" / "real_model" / "trl_first_step.md"))
     args = parser.parse_args(argv)
     hide_library_notices()
+    try:
+        import trl
+    except ImportError:
+        raise SystemExit("TRL is not installed (it is not a dependency of qlora-tutor): install it with "
+                         "`pip install --no-deps trl`, then run this again") from None
     torch.manual_seed(0)
-    import trl
 
     cfg = FinetuneConfig(model="smollm2-135m", data="stories", max_length=args.max_length)
     model, tokenizer = finetune.load_untrained(cfg)
