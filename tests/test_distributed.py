@@ -317,15 +317,6 @@ def tiny_model(tmp_path_factory) -> Path:
     return folder
 
 
-def _finetune_is_rank_aware() -> bool:
-    """finetune.run knows its rank (the multi-process support proposed in issue 8); until then the test skips."""
-    import inspect
-    from qlora_tutor import finetune
-    return "rank_info" in inspect.getsource(finetune.run)
-
-
-@pytest.mark.skipif(not _finetune_is_rank_aware(), reason="finetune.py lacks the multi-process changes proposed "
-                    "in issue 8 (device_map per LOCAL_RANK, only rank 0 writes, fingerprint callback)")
 def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_model):
     """`qlora-tutor finetune` under torchrun, 2 CPU processes x batch 4, against 1 process x batch 8: same data
     order (seeded sampler, consecutive slices per rank), loss averaged over all tokens of the global batch,
